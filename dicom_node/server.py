@@ -1,0 +1,205 @@
+"""The DIMSE node: a thin door from the DICOM Upper Layer onto the shared ingest path.
+
+- Association acceptance (PS3.8 7.1): only registered partners, by calling AE title and, when the
+  partner lists hosts, by peer address; the called AE title must be ours. Others get an
+  A-ASSOCIATE-RJ, rejected-permanent, service-user, "calling AE title not recognized" (0x03) or
+  "called AE title not recognized" (0x07). Partners are looked up per association, so a partner
+  added or removed with ``imx partner`` counts at once.
+- C-ECHO (PS3.4 A.4) and C-STORE (PS3.4 B.2) for every storage SOP class pynetdicom knows, in every
+  transfer syntax pydicom knows; the dataset is received in chunks to a private temporary file.
+- Several receiver processes share the port (SO_REUSEPORT), so both cores work.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from imx import metrics
+from imx.config import Settings
+from imx.ingest import Archive, PartnerRef, Result
+from imx.logs import event
+
+log = logging.getLogger("imx.node")
+
+# PS3.4 Table B.2-1 C-STORE statuses; PS3.7 C.4 general statuses
+SUCCESS = 0x0000
+REFUSED_OUT_OF_RESOURCES = 0xA700
+ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+ERROR_CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+STATUS_FOR_RESULT = {
+    Result.STORED: SUCCESS,
+    Result.SPOOLED: SUCCESS,
+    Result.DUPLICATE: SUCCESS,
+    Result.INVALID: ERROR_CANNOT_UNDERSTAND,
+    Result.MISMATCH: ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    Result.OUT_OF_RESOURCES: REFUSED_OUT_OF_RESOURCES,
+    Result.FAILED: PROCESSING_FAILURE,
+}
+
+_NO_MATCH = [""]  # a non-empty list no calling AE title can be in: makes pynetdicom reject
+
+
+class PartnerAE(AE):
+    """An AE whose accepted calling AE titles are the registered partners allowed from the peer's
+    address. pynetdicom negotiates each association in that association's own thread, so the
+    current thread tells us the peer."""
+
+    def __init__(self, archive: Archive, ae_title: str) -> None:
+        self._archive = archive
+        super().__init__(ae_title=ae_title)
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        assoc = threading.current_thread()
+        if not isinstance(assoc, Association) or not assoc.is_acceptor:
+            return _NO_MATCH
+        calling = (assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive else "") or ""
+        calling = calling.strip()
+        partner = getattr(assoc, "_imx_partner", None)
+        if partner is None:
+            p = self._archive.index.partner_by_ae(calling) if calling else None
+            if p is None or not p.allows(assoc.requestor.address):
+                assoc._imx_reject = "unknown calling AE title" if p is None else "host not allowed for this partner"  # type: ignore[attr-defined]
+                return _NO_MATCH
+            partner = PartnerRef.of(p)
+            assoc._imx_partner = partner  # type: ignore[attr-defined]
+        return [partner.ae_title]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        pass  # partners come from the index
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """Association server that shares its port with sibling processes and disables Nagle."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, address = super().get_request()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return sock, address
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class Node:
+    def __init__(self, settings: Settings, archive: Archive) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.server: ReusePortServer | None = None
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_HANDLER_LEVEL = "none"
+        ae = PartnerAE(archive, settings.ae_title)
+        ae.require_called_aet = True
+        ae.maximum_pdu_size = settings.max_pdu
+        ae.maximum_associations = settings.max_associations
+        ae.network_timeout = settings.network_timeout
+        ae.acse_timeout = 30
+        ae.dimse_timeout = settings.network_timeout
+        ae.add_supported_context(Verification)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+        self.ae = ae
+
+    # -- handlers: each short, each answering a DICOM status ------------------------------------
+    def handle_echo(self, event_: evt.Event) -> int:
+        """C-ECHO, PS3.4 A.4: Success for any accepted (therefore registered) partner."""
+        return SUCCESS
+
+    def handle_store(self, event_: evt.Event) -> Dataset:
+        """C-STORE, PS3.4 B.2.3: Success only once the instance is durable."""
+        partner: PartnerRef | None = getattr(event_.assoc, "_imx_partner", None)
+        if partner is None:  # cannot happen: acceptance required a partner
+            return _status(PROCESSING_FAILURE, "association has no partner")
+        req = event_.request
+        outcome = self.archive.ingest_file(
+            partner,
+            event_.dataset_path,
+            door="dimse",
+            expected_sop_class=str(req.AffectedSOPClassUID),
+            expected_sop_instance=str(req.AffectedSOPInstanceUID),
+        )
+        return _status(STATUS_FOR_RESULT[outcome.result], "" if outcome.result.acknowledged else outcome.reason)
+
+    def handle_accepted(self, event_: evt.Event) -> None:
+        partner = getattr(event_.assoc, "_imx_partner", None)
+        event(log, "association accepted", partner=partner.name if partner else None, peer=event_.address[0])
+
+    def handle_rejected(self, event_: evt.Event) -> None:
+        assoc = event_.assoc
+        rq = assoc.requestor.primitive
+        reason = getattr(assoc, "_imx_reject", None) or "called AE title not ours"
+        metrics.ASSOC_REJECTED.labels(reason).inc()
+        event(
+            log,
+            "association rejected",
+            logging.WARNING,
+            reason=reason,
+            calling_ae=(rq.calling_ae_title if rq else None),
+            peer=event_.address[0],
+        )
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> ReusePortServer:
+        server = self.ae.make_server(
+            (self.settings.host, self.settings.dicom_port),
+            ae_title=self.settings.ae_title,
+            evt_handlers=self.handlers(),
+            server_class=ReusePortServer,
+        )
+        self.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="imx-dicom-accept", daemon=True).start()
+        self.server = server
+        return server
+
+    def stop(self, grace: float) -> int:
+        """Stop accepting; let in-flight associations finish for up to ``grace`` seconds, then
+        abort what is left. Returns how many had to be aborted."""
+        server = self.server
+        if server is None:
+            return 0
+        server.shutdown()  # ends the accept loop and closes the listening socket
+        deadline = time.monotonic() + grace
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = server.active_associations
+        for assoc in left:
+            assoc.abort()
+        return len(left)

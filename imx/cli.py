@@ -1,0 +1,180 @@
+"""The ``imx`` command.
+
+    imx serve                                   run the node, the HTTP app and the spool drainer
+    imx partner add NAME --ae AE [--host H]...  register a partner hospital (works while serving)
+    imx partner list | remove NAME
+    imx send HOST PORT PATH... --aec AE --aet AE send DICOM files, folders and zips to a node
+    imx check [--repair]                        verify that index and object store agree
+    imx settings                                every IMX_ setting with its default
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from imx.config import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.load()
+    except Exception as e:  # pydantic's message names the variable and what is wrong
+        print(f"imx: invalid setting: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _index(settings: Settings):  # type: ignore[no-untyped-def]
+    from imx.config import ensure_layout
+    from storage.index import Index
+
+    ensure_layout(settings)
+    index = Index(settings.effective_database_url)
+    index.migrate()
+    return index
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    metrics_dir = settings.run_dir / "metrics"
+    if metrics_dir.exists():
+        for p in metrics_dir.iterdir():
+            p.unlink(missing_ok=True)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus_client is imported
+    from imx.serve import serve
+
+    return serve(settings)
+
+
+def _valid_ae(value: str) -> str:
+    v = value.strip()
+    if not v or len(v) > 16 or "\\" in v or not all(32 <= ord(c) < 127 for c in v):
+        raise argparse.ArgumentTypeError("an AE title is 1 to 16 ASCII characters, no backslash")
+    return v
+
+
+def cmd_partner_add(args: argparse.Namespace) -> int:
+    from storage.index import PartnerExists
+
+    index = _index(_settings())
+    try:
+        p = index.add_partner(args.name, args.ae, args.host or [])
+    except PartnerExists as e:
+        print(f"imx: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"imx: invalid --host: {e}", file=sys.stderr)
+        return 2
+    hosts = ", ".join(p.host_list) or "any host"
+    print(f"partner {p.name} added: calling AE title {p.ae_title}, from {hosts}")
+    return 0
+
+
+def cmd_partner_list(args: argparse.Namespace) -> int:
+    index = _index(_settings())
+    partners = index.partners()
+    if not partners:
+        print("no partners registered")
+        return 0
+    w = max(len(p.name) for p in partners)
+    print(f"{'NAME':<{w}}  {'AE TITLE':<16}  HOSTS")
+    for p in partners:
+        print(f"{p.name:<{w}}  {p.ae_title:<16}  {', '.join(p.host_list) or 'any'}")
+    return 0
+
+
+def cmd_partner_remove(args: argparse.Namespace) -> int:
+    index = _index(_settings())
+    what = index.remove_partner(args.name)
+    if what is None:
+        print(f"imx: no partner named {args.name!r}", file=sys.stderr)
+        return 1
+    if what == "deactivated":
+        print(f"partner {args.name} removed: it can no longer send; its studies stay in the archive")
+    else:
+        print(f"partner {args.name} removed")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.send import send
+
+    summary = send(
+        args.host,
+        args.port,
+        [Path(p) for p in args.paths],
+        aec=args.aec,
+        aet=args.aet,
+        state_path=Path(args.state) if args.state else None,
+        retries=args.retries,
+        progress=not args.no_progress,
+    )
+    return 0 if not summary.failed and (summary.sent or summary.already) else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from imx.check import check
+
+    settings = _settings()
+    return check(settings, repair=args.repair)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    for name, default, desc in Settings.describe(Settings.model_construct()):
+        print(f"{name:<28} {default:<22} {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="imx", description="imaging-exchange: cross-border DICOM exchange")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("serve", help="run the DICOM node and the HTTP app")
+    sp.set_defaults(func=cmd_serve)
+
+    pp = sub.add_parser("partner", help="register, list and remove partner hospitals")
+    psub = pp.add_subparsers(dest="partner_command", required=True)
+    pa = psub.add_parser("add", help="register a partner hospital")
+    pa.add_argument("name", help="short name, e.g. OSH-CITY-HOSPITAL")
+    pa.add_argument("--ae", required=True, type=_valid_ae, help="the calling AE title the hospital sends with")
+    pa.add_argument("--host", action="append", help="address or CIDR it may send from (repeatable); default any")
+    pa.set_defaults(func=cmd_partner_add)
+    pl = psub.add_parser("list", help="list registered partners")
+    pl.set_defaults(func=cmd_partner_list)
+    pr = psub.add_parser("remove", help="stop accepting a partner")
+    pr.add_argument("name")
+    pr.set_defaults(func=cmd_partner_remove)
+
+    se = sub.add_parser("send", help="send DICOM files, folders and zip files to a DICOM node")
+    se.add_argument("host")
+    se.add_argument("port", type=int)
+    se.add_argument("paths", nargs="+", metavar="PATH")
+    se.add_argument("--aec", required=True, type=_valid_ae, help="the node's AE title (called)")
+    se.add_argument("--aet", required=True, type=_valid_ae, help="your AE title as registered with the node (calling)")
+    se.add_argument("--state", help="file remembering what the node acknowledged (default: per destination, in ~/.local/state/imx)")
+    se.add_argument("--retries", type=int, default=5, help="attempts per association, with backoff (default 5)")
+    se.add_argument("--no-progress", action="store_true", help="no progress bar")
+    se.set_defaults(func=cmd_send)
+
+    ck = sub.add_parser("check", help="verify that every indexed instance is stored intact")
+    ck.add_argument("--repair", action="store_true", help="remove stored objects no index row refers to")
+    ck.set_defaults(func=cmd_check)
+
+    st = sub.add_parser("settings", help="list every IMX_ setting with its default")
+    st.set_defaults(func=cmd_settings)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

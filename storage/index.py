@@ -1,0 +1,463 @@
+"""The metadata index: SQLAlchemy over SQLite (default) or PostgreSQL.
+
+It holds rows and knows nothing of DICOM encoding: the ingest path hands it plain records
+(``InstanceRecord``) made from an already de-identified dataset. The schema is owned by the
+Alembic migrations in ``storage/migrations``; ``Index.migrate()`` brings a database to head.
+
+Concurrency: several receiver processes write at once. On SQLite every write transaction starts
+with ``BEGIN IMMEDIATE`` (so writers queue on the lock instead of failing with a stale snapshot);
+on PostgreSQL a write that races another on a unique key is retried.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+LOCATION_STORE = "store"
+LOCATION_SPOOL = "spool"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Partner(Base):
+    __tablename__ = "partner"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    hosts: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of addresses/CIDRs; [] = any
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    @property
+    def host_list(self) -> list[str]:
+        return list(json.loads(self.hosts or "[]"))
+
+    def allows(self, address: str) -> bool:
+        nets = self.host_list
+        if not nets:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in nets)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("partner_id", "pseudonym"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partner_id: Mapped[int] = mapped_column(ForeignKey("partner.id"), index=True)
+    pseudonym: Mapped[str] = mapped_column(String(64))
+    sex: Mapped[str | None] = mapped_column(String(16))
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Study(Base):
+    __tablename__ = "study"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    partner_id: Mapped[int] = mapped_column(ForeignKey("partner.id"), index=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(String(64))
+    modalities: Mapped[str] = mapped_column(String(128), default="")
+    num_series: Mapped[int] = mapped_column(Integer, default=0)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(16))
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    partner_id: Mapped[int] = mapped_column(ForeignKey("partner.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    frames: Mapped[int | None] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    object_key: Mapped[str] = mapped_column(String(128), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    location: Mapped[str] = mapped_column(String(8), default=LOCATION_STORE, index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+@dataclass
+class InstanceRecord:
+    """What the ingest path knows of one de-identified instance. Every string here is already
+    pseudonymous; nothing identifying may be put in it."""
+
+    partner_id: int
+    patient_pseudonym: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    object_key: str
+    sha256: str
+    size_bytes: int
+    location: str = LOCATION_STORE
+    patient_sex: str | None = None
+    patient_birth_date: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    accession: str | None = None
+    study_id: str | None = None
+    study_description: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part: str | None = None
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    frames: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PartnerExists(ValueError):
+    pass
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str, *, writer: bool = False) -> Engine:
+    """An engine for ``url``. On SQLite a ``writer`` engine starts every transaction with
+    BEGIN IMMEDIATE, so that concurrent writers wait for the lock (busy_timeout) rather than
+    fail on upgrading a read snapshot."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return engine
+
+
+class Index:
+    """All reads and writes of the index go through here."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine = make_engine(url)
+        self.write_engine = make_engine(url, writer=True) if self.is_sqlite else self.engine
+        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.write_engine.dispose()
+
+    # -- schema -------------------------------------------------------------------------------
+    def migrate(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        here = Path(__file__).parent
+        cfg = Config()
+        cfg.set_main_option("script_location", str(here / "migrations"))
+        cfg.attributes["connection_url"] = self.url
+        with self.write_engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    # -- sessions -----------------------------------------------------------------------------
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read_sessions() as s:
+            yield s
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session whose transaction commits when the block ends (durably: WAL, synchronous=FULL
+        on SQLite), and rolls back if it raises."""
+        with self._write_sessions() as s, s.begin():
+            yield s
+
+    def ping(self) -> None:
+        with self.read() as s:
+            s.execute(text("SELECT 1"))
+
+    # -- partners -----------------------------------------------------------------------------
+    def add_partner(self, name: str, ae_title: str, hosts: list[str] | None = None) -> Partner:
+        for h in hosts or []:
+            ipaddress.ip_network(h, strict=False)  # raises ValueError with a clear message
+        try:
+            with self.write() as s:
+                p = Partner(name=name, ae_title=ae_title, hosts=json.dumps(hosts or []))
+                s.add(p)
+                s.flush()
+                return p
+        except sa_exc.IntegrityError:
+            raise PartnerExists(f"a partner named {name!r} or with AE title {ae_title!r} already exists") from None
+
+    def remove_partner(self, name: str) -> str | None:
+        """Stop accepting a partner. A partner that has sent studies is deactivated (its studies
+        stay attributed to it); one that never sent anything is deleted. None if unknown."""
+        with self.write() as s:
+            p = s.scalar(select(Partner).where(Partner.name == name, Partner.active.is_(True)))
+            if p is None:
+                return None
+            if s.scalar(select(Study.id).where(Study.partner_id == p.id).limit(1)) is None:
+                s.delete(p)
+                return "deleted"
+            p.active = False
+            # free the AE title and name for a new registration, keep the row for attribution
+            p.ae_title = f"~{p.id}"
+            p.name = f"{p.name}~removed-{p.id}"
+            return "deactivated"
+
+    def partners(self) -> list[Partner]:
+        with self.read() as s:
+            return list(s.scalars(select(Partner).where(Partner.active.is_(True)).order_by(Partner.name)))
+
+    def partner_by_ae(self, ae_title: str) -> Partner | None:
+        with self.read() as s:
+            return s.scalar(select(Partner).where(Partner.ae_title == ae_title, Partner.active.is_(True)))
+
+    def partner_by_name(self, name: str) -> Partner | None:
+        with self.read() as s:
+            return s.scalar(select(Partner).where(Partner.name == name, Partner.active.is_(True)))
+
+    # -- instances ----------------------------------------------------------------------------
+    def instance_exists(self, sop_uid: str) -> bool:
+        with self.read() as s:
+            return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
+
+    def get_instance(self, sop_uid: str) -> Instance | None:
+        with self.read() as s:
+            return s.scalar(select(Instance).where(Instance.sop_uid == sop_uid))
+
+    def add_instance(self, rec: InstanceRecord) -> bool:
+        """Commit one instance with its patient, study and series. False if it was already there."""
+        for attempt in range(5):
+            try:
+                with self.write() as s:
+                    return self._add_instance(s, rec)
+            except sa_exc.IntegrityError:
+                if attempt == 4:
+                    raise
+                # a concurrent writer inserted the same patient/study/series/instance: look again
+                continue
+        return False
+
+    def _add_instance(self, s: Session, rec: InstanceRecord) -> bool:
+        if s.scalar(select(Instance.id).where(Instance.sop_uid == rec.sop_uid)) is not None:
+            return False
+        now = utcnow()
+        patient = s.scalar(
+            select(Patient).where(Patient.partner_id == rec.partner_id, Patient.pseudonym == rec.patient_pseudonym)
+        )
+        if patient is None:
+            patient = Patient(
+                partner_id=rec.partner_id,
+                pseudonym=rec.patient_pseudonym,
+                sex=rec.patient_sex,
+                birth_date=rec.patient_birth_date,
+            )
+            s.add(patient)
+            s.flush()
+        study = s.scalar(select(Study).where(Study.study_uid == rec.study_uid))
+        if study is None:
+            study = Study(
+                study_uid=rec.study_uid,
+                partner_id=rec.partner_id,
+                patient_id=patient.id,
+                study_date=rec.study_date,
+                study_time=rec.study_time,
+                accession=rec.accession,
+                study_id=rec.study_id,
+                description=rec.study_description,
+                modalities="",
+                received_at=now,
+                updated_at=now,
+            )
+            s.add(study)
+            s.flush()
+        series = s.scalar(select(Series).where(Series.series_uid == rec.series_uid))
+        new_series = series is None
+        if series is None:
+            series = Series(
+                series_uid=rec.series_uid,
+                study_id=study.id,
+                modality=rec.modality,
+                series_number=rec.series_number,
+                description=rec.series_description,
+                body_part=rec.body_part,
+            )
+            s.add(series)
+            s.flush()
+        s.add(
+            Instance(
+                sop_uid=rec.sop_uid,
+                series_id=series.id,
+                partner_id=rec.partner_id,
+                sop_class_uid=rec.sop_class_uid,
+                instance_number=rec.instance_number,
+                transfer_syntax=rec.transfer_syntax,
+                rows=rec.rows,
+                columns=rec.columns,
+                frames=rec.frames,
+                size_bytes=rec.size_bytes,
+                object_key=rec.object_key,
+                sha256=rec.sha256,
+                location=rec.location,
+                received_at=now,
+            )
+        )
+        s.flush()
+        s.execute(
+            update(Series)
+            .where(Series.id == series.id)
+            .values(num_instances=Series.num_instances + 1, size_bytes=Series.size_bytes + rec.size_bytes)
+        )
+        modalities = study.modalities or ""
+        if rec.modality and rec.modality not in modalities.split("\\"):
+            modalities = "\\".join(sorted(filter(None, [*modalities.split("\\"), rec.modality])))
+        s.execute(
+            update(Study)
+            .where(Study.id == study.id)
+            .values(
+                num_instances=Study.num_instances + 1,
+                num_series=Study.num_series + (1 if new_series else 0),
+                size_bytes=Study.size_bytes + rec.size_bytes,
+                modalities=modalities,
+                updated_at=now,
+            )
+        )
+        return True
+
+    # -- spool --------------------------------------------------------------------------------
+    def spooled(self, limit: int = 100) -> list[tuple[int, str, str]]:
+        """(instance id, object key, sha256) of instances whose object waits in the local spool."""
+        with self.read() as s:
+            rows = s.execute(
+                select(Instance.id, Instance.object_key, Instance.sha256)
+                .where(Instance.location == LOCATION_SPOOL)
+                .order_by(Instance.id)
+                .limit(limit)
+            )
+            return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    def spool_depth(self) -> int:
+        with self.read() as s:
+            return int(s.scalar(select(func.count()).select_from(Instance).where(Instance.location == LOCATION_SPOOL)) or 0)
+
+    def mark_stored(self, instance_id: int) -> None:
+        with self.write() as s:
+            s.execute(update(Instance).where(Instance.id == instance_id).values(location=LOCATION_STORE))
+
+    # -- listing ------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        with self.read() as s:
+            return {
+                "studies": int(s.scalar(select(func.count()).select_from(Study)) or 0),
+                "series": int(s.scalar(select(func.count()).select_from(Series)) or 0),
+                "instances": int(s.scalar(select(func.count()).select_from(Instance)) or 0),
+            }
+
+    def list_studies(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        with self.read() as s:
+            rows = s.execute(
+                select(Study, Patient.pseudonym, Patient.sex, Partner.name)
+                .join(Patient, Study.patient_id == Patient.id)
+                .join(Partner, Study.partner_id == Partner.id)
+                .order_by(Study.received_at.desc(), Study.id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+            out = []
+            for study, pseudonym, sex, partner in rows:
+                out.append(
+                    {
+                        "study_uid": study.study_uid,
+                        "patient": pseudonym,
+                        "patient_sex": sex,
+                        "partner": partner,
+                        "study_date": study.study_date,
+                        "study_time": study.study_time,
+                        "accession": study.accession,
+                        "description": study.description,
+                        "modalities": [m for m in (study.modalities or "").split("\\") if m],
+                        "num_series": study.num_series,
+                        "num_instances": study.num_instances,
+                        "size_bytes": study.size_bytes,
+                        "received_at": study.received_at.isoformat() + "Z",
+                    }
+                )
+            return out
+
+    def all_instances(self) -> Iterator[tuple[str, str, str, str]]:
+        """(sop uid, object key, sha256, location) of every instance: for consistency checks."""
+        with self.read() as s:
+            for row in s.execute(select(Instance.sop_uid, Instance.object_key, Instance.sha256, Instance.location)):
+                yield tuple(row)  # type: ignore[misc]
