@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -126,7 +126,7 @@ class Node:
         ae.acse_timeout = 30
         ae.dimse_timeout = settings.network_timeout
         ae.add_supported_context(Verification)
-        for cx in StoragePresentationContexts:
+        for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
         self.ae = ae
 
@@ -152,7 +152,7 @@ class Node:
 
     def handle_accepted(self, event_: evt.Event) -> None:
         partner = getattr(event_.assoc, "_imx_partner", None)
-        event(log, "association accepted", partner=partner.name if partner else None, peer=event_.address[0])
+        event(log, "association accepted", partner=partner.name if partner else None, peer=event_.assoc.requestor.address)
 
     def handle_rejected(self, event_: evt.Event) -> None:
         assoc = event_.assoc
@@ -165,7 +165,7 @@ class Node:
             logging.WARNING,
             reason=reason,
             calling_ae=(rq.calling_ae_title if rq else None),
-            peer=event_.address[0],
+            peer=event_.assoc.requestor.address,
         )
 
     def handlers(self) -> list[tuple[Any, Any]]:
