@@ -380,7 +380,9 @@ class Index:
             .where(Series.id == series.id)
             .values(num_instances=Series.num_instances + 1, size_bytes=Series.size_bytes + rec.size_bytes)
         )
-        modalities = study.modalities or ""
+        # re-read under the row lock (FOR NO KEY UPDATE on PostgreSQL): a concurrent writer may have
+        # added a modality since the study was loaded, and writing back a stale string would lose it
+        modalities = s.scalar(select(Study.modalities).where(Study.id == study.id).with_for_update(key_share=True)) or ""
         if rec.modality and rec.modality not in modalities.split("\\"):
             modalities = "\\".join(sorted(filter(None, [*modalities.split("\\"), rec.modality])))
         s.execute(

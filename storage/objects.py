@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-KEY_RE = re.compile(r"^[a-z]{1,16}(/[0-9a-f]{2}){2}/[0-9a-f]{16,64}(\.[a-z0-9]{1,8})?$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "<key>\n" through.
+KEY_RE = re.compile(r"^[a-z]{1,16}(/[0-9a-f]{2}){2}/[0-9a-f]{16,64}(\.[a-z0-9]{1,8})?\Z")
 CHUNK = 1024 * 1024
 
 
@@ -124,7 +125,9 @@ def write_durably(dest: Path, payload: Payload, tmp_dir: Path) -> None:
                     shutil.copyfileobj(src, f, CHUNK)
             f.flush()
             os.fsync(f.fileno())
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # mkdir(parents=True) ignores mode for the parents it creates: make each level 0700
+        for d in reversed([d for d in (dest.parent, *dest.parent.parents) if not d.exists()]):
+            d.mkdir(exist_ok=True, mode=0o700)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
