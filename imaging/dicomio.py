@@ -9,6 +9,7 @@ compressed stream, is read and written whole.
 from __future__ import annotations
 
 import io
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,23 @@ class ReceivedInstance:
     @property
     def implicit_vr(self) -> bool:
         return self.transfer_syntax.is_implicit_VR
+
+
+class _WholeReads(io.BufferedReader):
+    """A file whose reads come back short only exactly at its end. pydicom stops quietly where a
+    file ends inside an element (or past it, after skipping a deferred value), which would pass a
+    truncated header off as a complete dataset."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(os.fspath(path)))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        pos = self.tell()
+        data = super().read(size)
+        if size is not None and 0 <= size and len(data) < size and (data or pos != self._size):
+            raise MalformedInstance("the dataset is truncated")
+        return data
 
 
 def _pixel_span(f: BinaryIO, start: int, size: int, little: bool, implicit: bool) -> tuple[int, int]:
@@ -101,9 +119,10 @@ def read_received(path: Path) -> ReceivedInstance:
     """Parse a received instance (DICOM file format: preamble, file meta, dataset)."""
     size = path.stat().st_size
     try:
+        with _WholeReads(path) as header:
+            ds = dcmread(header, defer_size=DEFER_BYTES, stop_before_pixels=True)
+            pixel_start = header.tell()
         with open(path, "rb") as f:
-            ds = dcmread(f, defer_size=DEFER_BYTES, stop_before_pixels=True)
-            pixel_start = f.tell()
             ts = UID(ds.file_meta.get("TransferSyntaxUID", ""))
             if not ts or not ts.is_transfer_syntax:
                 raise MalformedInstance("the transfer syntax is missing or unknown")
@@ -121,6 +140,9 @@ def read_received(path: Path) -> ReceivedInstance:
                     g, e = struct.unpack(en + "HH", peek)
                     if (g << 16 | e) == PIXEL_DATA:
                         span = _pixel_span(f, pixel_start, size, ts.is_little_endian, ts.is_implicit_VR)
+                    else:  # Float/Double Float Pixel Data (7FE0,0008/0009): rare, read it whole
+                        with _WholeReads(path) as whole:
+                            return ReceivedInstance(dcmread(whole), ts, path, None, True)
     except MalformedInstance:
         raise
     except InvalidDicomError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
-from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from imaging.pseudonym import KeyedHash
@@ -45,12 +45,20 @@ class SentFile:
     transfer_syntax: str
 
 
+def local_test_files() -> list[Path]:
+    """pydicom's bundled test files that are on disk (get_testdata_files would try to download
+    the rest, and this machine has no network)."""
+    import pydicom.data
+
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith((".py", ".pyc", ".txt", ".json", ".gz", ".bz2")))
+
+
 def storage_files() -> list[SentFile]:
     """Every local pydicom test file whose header names a SOP class and instance (the deliberately
     broken ones included: the node must refuse those cleanly)."""
     out = []
-    for f in sorted(get_testdata_files()):
-        p = Path(f)
+    for p in local_test_files():
         try:
             ds = dcmread(p, stop_before_pixels=True)
             ts = str(ds.file_meta.TransferSyntaxUID)
