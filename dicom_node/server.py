@@ -141,13 +141,17 @@ class Node:
         if partner is None:  # cannot happen: acceptance required a partner
             return _status(PROCESSING_FAILURE, "association has no partner")
         req = event_.request
-        outcome = self.archive.ingest_file(
-            partner,
-            event_.dataset_path,
-            door="dimse",
-            expected_sop_class=str(req.AffectedSOPClassUID),
-            expected_sop_instance=str(req.AffectedSOPInstanceUID),
-        )
+        try:
+            outcome = self.archive.ingest_file(
+                partner,
+                event_.dataset_path,
+                door="dimse",
+                expected_sop_class=str(req.AffectedSOPClassUID),
+                expected_sop_instance=str(req.AffectedSOPInstanceUID),
+            )
+        except Exception as e:  # a bug, not bad input: say so in our log (pynetdicom's is muted)
+            event(log, "ingest failed unexpectedly", logging.ERROR, partner=partner.name, error=type(e).__name__)
+            return _status(PROCESSING_FAILURE, "internal error; the instance was not stored")
         return _status(STATUS_FOR_RESULT[outcome.result], "" if outcome.result.acknowledged else outcome.reason)
 
     def handle_accepted(self, event_: evt.Event) -> None:
