@@ -193,9 +193,3 @@ def write_instance(inst: ReceivedInstance, out: BinaryIO) -> None:
                 out.write(chunk)
                 remaining -= len(chunk)
 
-
-def write_instance_bytes(inst: ReceivedInstance) -> bytes:
-    buf = io.BytesIO()
-    write_instance(inst, buf)
-    return buf.getvalue()
-

@@ -11,6 +11,7 @@ full) is the instance refused as out of resources.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -23,7 +24,7 @@ from pathlib import Path
 from sqlalchemy import exc as sa_exc
 
 from imaging.deid import DeidentificationError, Deidentifier
-from imaging.dicomio import MalformedInstance, read_received, write_instance
+from imaging.dicomio import MalformedInstance, ReceivedInstance, read_received, write_instance
 from imaging.metadata import index_attributes
 from imaging.pseudonym import KeyedHash
 from imx import metrics
@@ -231,11 +232,9 @@ class Archive:
             if tmp_out is not None:
                 tmp_out.unlink(missing_ok=True)
 
-    def _serialize(self, inst) -> tuple[Payload, Path | None]:  # type: ignore[no-untyped-def]
+    def _serialize(self, inst: ReceivedInstance) -> tuple[Payload, Path | None]:
         span = inst.pixel_span
         if span is None or span[1] - span[0] < IN_MEMORY_LIMIT:
-            import io
-
             buf = io.BytesIO()
             write_instance(inst, buf)
             return Payload(data=buf.getvalue()), None

@@ -16,7 +16,7 @@ import ipaddress
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,6 @@ class InstanceRecord:
     rows: int | None = None
     columns: int | None = None
     frames: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PartnerExists(ValueError):

@@ -307,7 +307,7 @@ def convert(head: list[list[str]], body: list[list[str]]) -> tuple[list[dict], l
             continue
         if len(row) != len(fields):
             raise TableError(f"row has {len(row)} cells, expected {len(fields)}: {row!r}")
-        cells = dict(zip(fields, row))
+        cells = dict(zip(fields, row, strict=True))
         if PRIVATE_RE.match(cells["tag"]):
             skipped.append(f"{cells['name']} {cells['tag']}: basic "
                            f"{cells['basic']}, rtn_safe_priv {cells['rtn_safe_priv'] or '-'}")
