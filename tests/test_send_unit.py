@@ -42,7 +42,6 @@ import dicom_node.send as send_module
 from dicom_node.send import MAX_CONTEXTS, SendSummary, default_state_path, send
 
 STORESCP = shutil.which("storescp")
-needs_storescp = pytest.mark.skipif(STORESCP is None, reason="dcmtk storescp is not installed")
 
 # pydicom test files with distinct SOP Instance UIDs: several SOP classes, compressed (JPEG 2000,
 # JPEG-LS, JPEG, RLE), big endian, deflated, implicit VR, and datasets without file meta.
@@ -190,7 +189,7 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     started: list[Receiver] = []
 
     def start(*extra: str) -> Receiver:
-        assert STORESCP is not None
+        assert STORESCP is not None, "dcmtk storescp is not installed (make test installs dcmtk)"
         port = _free_port()
         out_dir = tmp_path / f"received-{port}"
         out_dir.mkdir()
@@ -281,7 +280,6 @@ def _send(port: int, paths: list[Path], state: Path, **options: object) -> tuple
 
 
 @pytest.mark.peer
-@needs_storescp
 def test_sends_every_file_in_its_own_transfer_syntax_and_a_rerun_sends_nothing(
     study: Study, storescp: Callable[..., Receiver], tmp_path: Path
 ) -> None:
@@ -321,7 +319,6 @@ def test_sends_every_file_in_its_own_transfer_syntax_and_a_rerun_sends_nothing(
 
 
 @pytest.mark.peer
-@needs_storescp
 def test_interrupted_send_resumes_with_what_is_missing(
     study: Study, storescp: Callable[..., Receiver], tmp_path: Path
 ) -> None:
@@ -337,7 +334,6 @@ def test_interrupted_send_resumes_with_what_is_missing(
 
 
 @pytest.mark.peer
-@needs_storescp
 def test_permanent_rejection_stops_at_once(
     study: Study, storescp: Callable[..., Receiver], tmp_path: Path
 ) -> None:
