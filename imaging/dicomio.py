@@ -58,16 +58,22 @@ class ReceivedInstance:
 class _WholeReads(io.BufferedReader):
     """A file whose reads come back short only exactly at its end. pydicom stops quietly where a
     file ends inside an element (or past it, after skipping a deferred value), which would pass a
-    truncated header off as a complete dataset."""
+    truncated header off as a complete dataset. A read of a regular file returns fewer bytes than
+    asked only when the end falls inside it; a seek past the end means a skipped value is cut."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(io.FileIO(os.fspath(path)))
         self._size = os.fstat(self.fileno()).st_size
 
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        pos = super().seek(offset, whence)
+        if pos > self._size:  # pydicom skipped a deferred value that the file does not hold
+            raise MalformedInstance("the dataset is truncated")
+        return pos
+
     def read(self, size: int | None = -1, /) -> bytes:
-        pos = self.tell()
         data = super().read(size)
-        if size is not None and 0 <= size and len(data) < size and (data or pos != self._size):
+        if data and size is not None and 0 <= size and len(data) < size:
             raise MalformedInstance("the dataset is truncated")
         return data
 

@@ -32,12 +32,13 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
     text,
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 LOCATION_STORE = "store"
@@ -211,6 +212,10 @@ class Index:
         self.write_engine = make_engine(url, writer=True) if self.is_sqlite else self.engine
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
+        # process-local id caches for the ingest path (see add_instance)
+        self._patient_cache: dict[tuple[int, str], int] = {}
+        self._study_cache: dict[str, tuple[int, frozenset[str]]] = {}
+        self._series_cache: dict[str, int] = {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -289,76 +294,110 @@ class Index:
 
     # -- instances ----------------------------------------------------------------------------
     def instance_exists(self, sop_uid: str) -> bool:
-        with self.read() as s:
-            return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
+        with self.engine.connect() as conn:  # Core: this runs for every C-STORE
+            return conn.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
 
     def get_instance(self, sop_uid: str) -> Instance | None:
         with self.read() as s:
             return s.scalar(select(Instance).where(Instance.sop_uid == sop_uid))
 
     def add_instance(self, rec: InstanceRecord) -> bool:
-        """Commit one instance with its patient, study and series. False if it was already there."""
+        """Commit one instance with its patient, study and series. False if it was already there.
+
+        This is on the C-STORE path, so it is Core, not ORM: once a process knows a study and a
+        series (ids never change, rows are never deleted), an instance costs one INSERT and two
+        counter UPDATEs. Ids learnt in a transaction enter the caches only after it commits."""
         for attempt in range(5):
+            learned: dict[str, Any] = {}
             try:
-                with self.write() as s:
-                    return self._add_instance(s, rec)
+                with self.write_engine.begin() as conn:
+                    self._add_instance(conn, rec, learned)
             except sa_exc.IntegrityError:
+                if self.instance_exists(rec.sop_uid):
+                    return False
                 if attempt == 4:
                     raise
-                # a concurrent writer inserted the same patient/study/series/instance: look again
-                continue
+                continue  # a concurrent writer inserted the same patient/study/series: look again
+            self._learn(learned)
+            return True
         return False
 
-    def _add_instance(self, s: Session, rec: InstanceRecord) -> bool:
-        if s.scalar(select(Instance.id).where(Instance.sop_uid == rec.sop_uid)) is not None:
-            return False
+    def _learn(self, learned: dict[str, Any]) -> None:
+        if len(self._study_cache) > 50_000 or len(self._series_cache) > 200_000:
+            self._patient_cache.clear()
+            self._study_cache.clear()
+            self._series_cache.clear()
+        if "patient" in learned:
+            self._patient_cache.__setitem__(*learned["patient"])
+        if "study" in learned:
+            self._study_cache.__setitem__(*learned["study"])
+        if "series" in learned:
+            self._series_cache.__setitem__(*learned["series"])
+
+    def _add_instance(self, conn: Connection, rec: InstanceRecord, learned: dict[str, Any]) -> None:
         now = utcnow()
-        patient = s.scalar(
-            select(Patient).where(Patient.partner_id == rec.partner_id, Patient.pseudonym == rec.patient_pseudonym)
-        )
-        if patient is None:
-            patient = Patient(
-                partner_id=rec.partner_id,
-                pseudonym=rec.patient_pseudonym,
-                sex=rec.patient_sex,
-                birth_date=rec.patient_birth_date,
+        pkey = (rec.partner_id, rec.patient_pseudonym)
+        patient_id = self._patient_cache.get(pkey)
+        if patient_id is None:
+            patient_id = conn.scalar(
+                select(Patient.id).where(Patient.partner_id == rec.partner_id, Patient.pseudonym == rec.patient_pseudonym)
             )
-            s.add(patient)
-            s.flush()
-        study = s.scalar(select(Study).where(Study.study_uid == rec.study_uid))
+            if patient_id is None:
+                patient_id = conn.execute(
+                    insert(Patient).values(
+                        partner_id=rec.partner_id,
+                        pseudonym=rec.patient_pseudonym,
+                        sex=rec.patient_sex,
+                        birth_date=rec.patient_birth_date,
+                    )
+                ).inserted_primary_key[0]
+            learned["patient"] = (pkey, patient_id)
+
+        study = self._study_cache.get(rec.study_uid)  # (id, modalities known to be recorded)
         if study is None:
-            study = Study(
-                study_uid=rec.study_uid,
-                partner_id=rec.partner_id,
-                patient_id=patient.id,
-                study_date=rec.study_date,
-                study_time=rec.study_time,
-                accession=rec.accession,
-                study_id=rec.study_id,
-                description=rec.study_description,
-                modalities="",
-                received_at=now,
-                updated_at=now,
-            )
-            s.add(study)
-            s.flush()
-        series = s.scalar(select(Series).where(Series.series_uid == rec.series_uid))
-        new_series = series is None
-        if series is None:
-            series = Series(
-                series_uid=rec.series_uid,
-                study_id=study.id,
-                modality=rec.modality,
-                series_number=rec.series_number,
-                description=rec.series_description,
-                body_part=rec.body_part,
-            )
-            s.add(series)
-            s.flush()
-        s.add(
-            Instance(
+            row = conn.execute(select(Study.id, Study.modalities).where(Study.study_uid == rec.study_uid)).first()
+            if row is None:
+                study_id = conn.execute(
+                    insert(Study).values(
+                        study_uid=rec.study_uid,
+                        partner_id=rec.partner_id,
+                        patient_id=patient_id,
+                        study_date=rec.study_date,
+                        study_time=rec.study_time,
+                        accession=rec.accession,
+                        study_id=rec.study_id,
+                        description=rec.study_description,
+                        modalities="",
+                        received_at=now,
+                        updated_at=now,
+                    )
+                ).inserted_primary_key[0]
+                study = (study_id, frozenset())
+            else:
+                study = (row[0], frozenset(m for m in (row[1] or "").split("\\") if m))
+
+        series_id = self._series_cache.get(rec.series_uid)
+        new_series = False
+        if series_id is None:
+            series_id = conn.scalar(select(Series.id).where(Series.series_uid == rec.series_uid))
+            if series_id is None:
+                new_series = True
+                series_id = conn.execute(
+                    insert(Series).values(
+                        series_uid=rec.series_uid,
+                        study_id=study[0],
+                        modality=rec.modality,
+                        series_number=rec.series_number,
+                        description=rec.series_description,
+                        body_part=rec.body_part,
+                    )
+                ).inserted_primary_key[0]
+            learned["series"] = (rec.series_uid, series_id)
+
+        conn.execute(
+            insert(Instance).values(
                 sop_uid=rec.sop_uid,
-                series_id=series.id,
+                series_id=series_id,
                 partner_id=rec.partner_id,
                 sop_class_uid=rec.sop_class_uid,
                 instance_number=rec.instance_number,
@@ -373,29 +412,27 @@ class Index:
                 received_at=now,
             )
         )
-        s.flush()
-        s.execute(
+        conn.execute(
             update(Series)
-            .where(Series.id == series.id)
+            .where(Series.id == series_id)
             .values(num_instances=Series.num_instances + 1, size_bytes=Series.size_bytes + rec.size_bytes)
         )
-        # re-read under the row lock (FOR NO KEY UPDATE on PostgreSQL): a concurrent writer may have
-        # added a modality since the study was loaded, and writing back a stale string would lose it
-        modalities = s.scalar(select(Study.modalities).where(Study.id == study.id).with_for_update(key_share=True)) or ""
-        if rec.modality and rec.modality not in modalities.split("\\"):
-            modalities = "\\".join(sorted(filter(None, [*modalities.split("\\"), rec.modality])))
-        s.execute(
-            update(Study)
-            .where(Study.id == study.id)
-            .values(
-                num_instances=Study.num_instances + 1,
-                num_series=Study.num_series + (1 if new_series else 0),
-                size_bytes=Study.size_bytes + rec.size_bytes,
-                modalities=modalities,
-                updated_at=now,
-            )
-        )
-        return True
+        values: dict[str, Any] = {
+            "num_instances": Study.num_instances + 1,
+            "size_bytes": Study.size_bytes + rec.size_bytes,
+            "updated_at": now,
+        }
+        if new_series:
+            values["num_series"] = Study.num_series + 1
+        if rec.modality and rec.modality not in study[1]:
+            # re-read under the row lock (FOR NO KEY UPDATE on PostgreSQL): a concurrent writer may
+            # have added a modality since we looked, and writing back a stale string would lose it
+            current = conn.scalar(select(Study.modalities).where(Study.id == study[0]).with_for_update(key_share=True)) or ""
+            known = {m for m in current.split("\\") if m} | {rec.modality}
+            values["modalities"] = "\\".join(sorted(known))
+            study = (study[0], frozenset(known))
+        conn.execute(update(Study).where(Study.id == study[0]).values(**values))
+        learned["study"] = (rec.study_uid, study)
 
     # -- spool --------------------------------------------------------------------------------
     def spooled(self, limit: int = 100) -> list[tuple[int, str, str]]:
