@@ -7,7 +7,10 @@
   added or removed with ``imx partner`` counts at once.
 - C-ECHO (PS3.4 A.4) and C-STORE (PS3.4 B.2) for every storage SOP class pynetdicom knows, in every
   transfer syntax pydicom knows; the dataset is received in chunks to a private temporary file.
-- Several receiver processes share the port (SO_REUSEPORT), so both cores work.
+- Several receiver processes accept on one listening socket that the supervisor opened, each
+  taking a new association only while it is no busier than its siblings, so both cores work
+  whatever the peers' ports (SO_REUSEPORT would hash four senders onto one process one time in
+  eight). Without a shared socket (tests, single process) the node binds its own.
 """
 
 from __future__ import annotations
@@ -84,18 +87,42 @@ class PartnerAE(AE):
         pass  # partners come from the index
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """Association server that shares its port with sibling processes and disables Nagle."""
+class SharedAcceptServer(ThreadedAssociationServer):
+    """Association server that accepts on a listening socket shared with sibling processes
+    (``shared_socket``), balancing by active associations through the shared array ``load``;
+    Nagle is off on every accepted connection."""
 
     daemon_threads = True
+    shared_socket: socket.socket | None = None
+    load: Any = None  # multiprocessing.Array("i"): active associations per receiver
+    slot: int = 0
 
     def server_bind(self) -> None:
+        if self.shared_socket is None:
+            super().server_bind()
+            return
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()
+        self.socket = self.shared_socket
+        self.socket.setblocking(False)  # a sibling may take the connection first
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared_socket is None:
+            super().server_activate()
+
+    def _handle_request_noblock(self) -> None:
+        if self.load is not None:
+            mine = len(self.active_associations)
+            self.load[self.slot] = mine
+            if mine > min(self.load[:]):
+                time.sleep(0.002)  # a less busy sibling, woken by the same connection, takes it
+                return
+        super()._handle_request_noblock()
 
     def get_request(self):  # type: ignore[no-untyped-def]
         sock, address = super().get_request()
+        sock.setblocking(True)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -115,7 +142,7 @@ class Node:
     def __init__(self, settings: Settings, archive: Archive) -> None:
         self.settings = settings
         self.archive = archive
-        self.server: ReusePortServer | None = None
+        self.server: SharedAcceptServer | None = None
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_HANDLER_LEVEL = "none"
         ae = PartnerAE(archive, settings.ae_title)
@@ -181,12 +208,17 @@ class Node:
         ]
 
     # -- life cycle -------------------------------------------------------------------------------
-    def start(self) -> ReusePortServer:
+    def start(self, listen_socket: socket.socket | None = None, load: Any = None, slot: int = 0) -> SharedAcceptServer:
+        """Serve on ``listen_socket`` (shared with sibling receivers, balanced through ``load``)
+        or, without one, on a socket of our own bound to the configured host and port."""
+        server_class = type(
+            "ReceiverServer", (SharedAcceptServer,), {"shared_socket": listen_socket, "load": load, "slot": slot}
+        )
         server = self.ae.make_server(
             (self.settings.host, self.settings.dicom_port),
             ae_title=self.settings.ae_title,
             evt_handlers=self.handlers(),
-            server_class=ReusePortServer,
+            server_class=server_class,
         )
         self.ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="imx-dicom-accept", daemon=True).start()

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -40,7 +41,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(settings_data: dict[str, Any], number: int, ready: Any) -> None:
+def worker_main(settings_data: dict[str, Any], number: int, ready: Any, listen_socket: Any, load: Any) -> None:
     _die_with_parent()
     settings = Settings.load(**settings_data)
     setup_logging(settings.log_level)
@@ -55,16 +56,27 @@ def worker_main(settings_data: dict[str, Any], number: int, ready: Any) -> None:
     archive = Archive(settings)
     node = Node(settings, archive)
     try:
-        node.start()
+        node.start(listen_socket, load, number)
     except OSError as e:
         event(log, "receiver cannot listen", logging.ERROR, port=settings.dicom_port, error=e.strerror)
         ready.put(("error", number, e.strerror))
         return
     ready.put(("ready", number, os.getpid()))
     stop.wait()
+    load[number] = 1 << 30  # take no more associations: siblings get them
     aborted = node.stop(settings.shutdown_grace_seconds)
     event(log, "receiver stopped", worker=number, aborted_associations=aborted)
     archive.close()
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """The DICOM listening socket, opened once by the supervisor and shared by the receivers."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(256)
+    return sock
 
 
 def _clean_dir(d: Path) -> int:
@@ -103,11 +115,13 @@ class Supervisor:
         self.ready = self.ctx.Queue()
         self.workers: dict[int, mp.process.BaseProcess] = {}
         self.stopping = threading.Event()
+        self.listen_socket = open_listener(settings.host, settings.dicom_port)
+        self.load = self.ctx.Array("i", settings.effective_workers, lock=False)
 
     def _spawn(self, number: int) -> None:
         p = self.ctx.Process(
             target=worker_main,
-            args=(self.settings.model_dump(), number, self.ready),
+            args=(self.settings.model_dump(), number, self.ready, self.listen_socket, self.load),
             name=f"imx-receiver-{number}",
             daemon=False,
         )
@@ -136,6 +150,7 @@ class Supervisor:
         for number, p in list(self.workers.items()):
             if not p.is_alive() and not self.stopping.is_set():
                 event(log, "receiver exited unexpectedly, restarting", logging.ERROR, worker=number, exitcode=p.exitcode)
+                self.load[number] = 1 << 30  # its count is stale: siblings take new associations
                 self._spawn(number)
 
     def stop_workers(self) -> None:
@@ -196,7 +211,11 @@ def serve(settings: Settings) -> int:
     except Exception as e:
         event(log, "object store unreachable at start: instances will be spooled", logging.WARNING, error=str(e))
 
-    sup = Supervisor(settings)
+    try:
+        sup = Supervisor(settings)
+    except OSError as e:
+        print(f"imx: the DICOM port {settings.dicom_port} on {settings.host} cannot be opened: {e.strerror}", file=sys.stderr)
+        return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
         sup.stopping.set()

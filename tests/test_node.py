@@ -230,3 +230,29 @@ def test_sigterm_finishes_in_flight_and_exits(imx_server, tmp_path: Path) -> Non
     imx_server.start()
     assert sum(s["num_instances"] for s in imx_server.studies()) == 150
     shutil.rmtree(tmp_path / "series")
+
+
+def test_parallel_associations_are_spread_over_the_receivers(imx_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Four senders at once: each of the two receiver processes takes some (SO_REUSEPORT's hash
+    would put all four on one process one time in eight; the shared socket balances by load)."""
+    import json
+
+    parts = [make_ct_series(tmp_path / f"part{i}", 40) for i in range(4)]
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aet", "DEMOPACS", "-aec", "IMX", "127.0.0.1", str(imx_server.dicom_port), *map(str, files)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for files in parts
+    ]
+    assert all(p.wait(120) == 0 for p in senders)
+    pids = [
+        json.loads(line)["pid"]
+        for line in imx_server.output().splitlines()
+        if line.startswith("{") and '"association accepted"' in line
+    ]
+    assert len(pids) == 4
+    assert sorted(pids.count(p) for p in set(pids)) == [2, 2]
+    assert sum(s["num_instances"] for s in imx_server.studies()) == 160
