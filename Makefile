@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Debian packages the test suite drives: dcmtk (real DICOM peers), PostgreSQL (index tests).
-TEST_DEBS := dcmtk postgresql
+# Debian packages the test suite drives: dcmtk (real DICOM peers), PostgreSQL (index tests),
+# dicom3tools (dciodvfy checks de-identified objects against their IOD).
 
 .PHONY: setup run test system-deps lint bench clean
 
@@ -27,6 +27,7 @@ system-deps:
 	@missing=""; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "run as root, or install:$$missing" >&2; exit 1; fi; \
