@@ -7,6 +7,12 @@ Alembic migrations in ``storage/migrations``; ``Index.migrate()`` brings a datab
 Concurrency: several receiver processes write at once. On SQLite every write transaction starts
 with ``BEGIN IMMEDIATE`` (so writers queue on the lock instead of failing with a stale snapshot);
 on PostgreSQL a write that races another on a unique key is retried.
+
+Besides the study tree, the index holds each partner's de-identification policy, the quarantine
+reason of instances held back from view, and the identity vault (table ``identity``): for each
+original patient ID, accession number and study UID a partner sent, the pseudonym allocated to it
+and the originals sealed under the vault key (see ``imx/reid.py``). The index only ever sees keyed
+hashes and ciphertext there, never an original value.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -37,12 +44,16 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import Index as SqlIndex
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 LOCATION_STORE = "store"
 LOCATION_SPOOL = "spool"
+
+IDENTITY_KINDS = ("patient", "accession", "study")
+QUARANTINE_REASON_MAX = 200  # width of instance.quarantine
 
 
 def utcnow() -> dt.datetime:
@@ -61,6 +72,8 @@ class Partner(Base):
     hosts: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of addresses/CIDRs; [] = any
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # JSON object: the partner's de-identification policy; NULL = the operator's default
+    policy: Mapped[str | None] = mapped_column(Text)
 
     @property
     def host_list(self) -> list[str]:
@@ -124,6 +137,15 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instance"
+    __table_args__ = (
+        # partial: only the (rare) quarantined rows are indexed; a visible instance adds no entry
+        SqlIndex(
+            "ix_instance_quarantine",
+            "quarantine",
+            sqlite_where=text("quarantine IS NOT NULL"),
+            postgresql_where=text("quarantine IS NOT NULL"),
+        ),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
@@ -139,6 +161,30 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     location: Mapped[str] = mapped_column(String(8), default=LOCATION_STORE, index=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # NULL = visible; otherwise why it is held back (a short fixed reason, never PHI)
+    quarantine: Mapped[str | None] = mapped_column(String(QUARANTINE_REASON_MAX))
+
+
+class Identity(Base):
+    """One original (patient ID, accession number or study UID) a partner sent, in the vault.
+
+    ``lookup`` is a keyed hash of the original under the partner's scope, computed by the caller;
+    ``ciphertext`` is the sealed JSON of the originals. Neither the index nor anyone reading the
+    database can recover an original from a row without the vault key."""
+
+    __tablename__ = "identity"
+    __table_args__ = (
+        UniqueConstraint("partner_id", "kind", "lookup", name="uq_identity_lookup"),
+        # no two originals of a kind ever share a pseudonym, across all partners
+        UniqueConstraint("kind", "pseudonym", name="uq_identity_pseudonym"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partner_id: Mapped[int] = mapped_column(ForeignKey("partner.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    lookup: Mapped[str] = mapped_column(String(64))
+    pseudonym: Mapped[str] = mapped_column(String(64))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 @dataclass
@@ -172,10 +218,15 @@ class InstanceRecord:
     rows: int | None = None
     columns: int | None = None
     frames: int | None = None
+    quarantine: str | None = None  # why the instance is held back (never PHI); None = visible
 
 
 class PartnerExists(ValueError):
     pass
+
+
+class PseudonymsExhausted(RuntimeError):
+    """Every candidate pseudonym offered to ``Index.claim_identity`` is held by another original."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -252,6 +303,24 @@ class Index:
             s.execute(text("SELECT 1"))
 
     # -- partners -----------------------------------------------------------------------------
+    def set_partner_policy(self, name: str, policy_json: str | None) -> bool:
+        """Store the de-identification policy (a JSON object) of the active partner ``name``;
+        None returns it to the operator's default. False if there is no such partner."""
+        if policy_json is not None:
+            try:
+                parsed = json.loads(policy_json)
+            except ValueError as e:
+                raise ValueError(f"the policy is not valid JSON: {e}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("the policy must be a JSON object")
+        with self.write() as s:
+            result = s.execute(
+                update(Partner)
+                .where(Partner.name == name, Partner.active.is_(True))
+                .values(policy=policy_json)
+            )
+            return result.rowcount == 1
+
     def add_partner(self, name: str, ae_title: str, hosts: list[str] | None = None) -> Partner:
         for h in hosts or []:
             ipaddress.ip_network(h, strict=False)  # raises ValueError with a clear message
@@ -271,7 +340,13 @@ class Index:
             p = s.scalar(select(Partner).where(Partner.name == name, Partner.active.is_(True)))
             if p is None:
                 return None
-            if s.scalar(select(Study.id).where(Study.partner_id == p.id).limit(1)) is None:
+            # identity rows are written before the instance is committed, so a partner may have
+            # some without a single study; they must stay attributed too
+            sent = any(
+                s.scalar(select(model.id).where(model.partner_id == p.id).limit(1)) is not None
+                for model in (Study, Identity)
+            )
+            if not sent:
                 s.delete(p)
                 return "deleted"
             p.active = False
@@ -410,6 +485,8 @@ class Index:
                 sha256=rec.sha256,
                 location=rec.location,
                 received_at=now,
+                # clipped: a long reason must not make PostgreSQL refuse the whole instance
+                quarantine=None if rec.quarantine is None else rec.quarantine[:QUARANTINE_REASON_MAX],
             )
         )
         conn.execute(
@@ -454,6 +531,165 @@ class Index:
         with self.write() as s:
             s.execute(update(Instance).where(Instance.id == instance_id).values(location=LOCATION_STORE))
 
+    # -- quarantine ---------------------------------------------------------------------------
+    def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Instances held back from view, oldest first, with their (pseudonymous) UIDs, partner
+        name and reason."""
+        with self.read() as s:
+            rows = s.execute(
+                select(
+                    Instance.sop_uid,
+                    Study.study_uid,
+                    Series.series_uid,
+                    Partner.name,
+                    Instance.quarantine,
+                    Instance.received_at,
+                )
+                .join(Series, Instance.series_id == Series.id)
+                .join(Study, Series.study_id == Study.id)
+                .join(Partner, Instance.partner_id == Partner.id)
+                .where(Instance.quarantine.is_not(None))
+                .order_by(Instance.received_at, Instance.id)
+                .limit(limit)
+            )
+            return [
+                {
+                    "sop_uid": sop,
+                    "study_uid": study,
+                    "series_uid": series,
+                    "partner": partner,
+                    "reason": reason,
+                    "received_at": received.isoformat() + "Z",
+                }
+                for sop, study, series, partner, reason, received in rows
+            ]
+
+    def release(self, sop_uid: str) -> bool:
+        """Make a quarantined instance visible. False if it is unknown or was not quarantined."""
+        with self.write() as s:
+            result = s.execute(
+                update(Instance)
+                .where(Instance.sop_uid == sop_uid, Instance.quarantine.is_not(None))
+                .values(quarantine=None)
+            )
+            return result.rowcount == 1
+
+    # -- identity vault -----------------------------------------------------------------------
+    def claim_identity(
+        self,
+        partner_id: int,
+        kind: str,
+        lookup: str,
+        candidates: Iterable[str],
+        ciphertext: bytes | Callable[[str], bytes],
+    ) -> str:
+        """The pseudonym of the original whose keyed hash is ``lookup``, allocating one if needed.
+
+        If (partner_id, kind, lookup) has a row, its pseudonym is returned and nothing is written.
+        Otherwise a row is inserted with the first candidate no other original of this kind holds
+        (for any partner). ``ciphertext`` is the sealed originals, or a function of the chosen
+        candidate returning them (for a seal whose associated data binds the pseudonym); it is
+        called only when a row is about to be inserted.
+
+        Safe when several processes claim at once: a unique-key violation on either constraint
+        means a concurrent writer won that lookup (its pseudonym is returned) or that candidate
+        (the next one is tried). Raises ``PseudonymsExhausted`` when the candidates run out."""
+        if kind not in IDENTITY_KINDS:
+            raise ValueError(f"unknown identity kind {kind!r}: expected one of {IDENTITY_KINDS}")
+        existing = self.identity(partner_id, kind, lookup)  # common case: no write lock taken
+        if existing is not None:
+            return existing[0]
+        by_lookup = select(Identity.pseudonym).where(
+            Identity.partner_id == partner_id, Identity.kind == kind, Identity.lookup == lookup
+        )
+        tried = 0
+        for candidate in candidates:
+            tried += 1
+            taken = select(Identity.id).where(
+                Identity.kind == kind, Identity.pseudonym == candidate
+            )
+            try:
+                with self.write_engine.begin() as conn:
+                    found = conn.scalar(by_lookup)
+                    if found is not None:
+                        return found
+                    if conn.scalar(taken) is not None:
+                        continue
+                    sealed = ciphertext(candidate) if callable(ciphertext) else ciphertext
+                    conn.execute(
+                        insert(Identity).values(
+                            partner_id=partner_id,
+                            kind=kind,
+                            lookup=lookup,
+                            pseudonym=candidate,
+                            ciphertext=sealed,
+                            created_at=utcnow(),
+                        )
+                    )
+                return candidate
+            except sa_exc.IntegrityError:
+                # a concurrent writer committed this lookup or this candidate between our look and
+                # our insert; anything else (an unknown partner: foreign key) is not ours to hide
+                with self.engine.connect() as conn:
+                    found = conn.scalar(by_lookup)
+                    if found is not None:
+                        return found
+                    if conn.scalar(taken) is None:
+                        raise
+        raise PseudonymsExhausted(
+            f"all {tried} candidate pseudonyms of kind {kind!r} for partner {partner_id} "
+            "are held by other originals"
+        )
+
+    def identity(self, partner_id: int, kind: str, lookup: str) -> tuple[str, bytes] | None:
+        """(pseudonym, ciphertext) of the row for this partner, kind and lookup hash, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Identity.pseudonym, Identity.ciphertext).where(
+                    Identity.partner_id == partner_id,
+                    Identity.kind == kind,
+                    Identity.lookup == lookup,
+                )
+            ).first()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def identity_by_pseudonym(self, kind: str, pseudonym: str) -> tuple[int, bytes] | None:
+        """(partner id, ciphertext) of the row that holds this pseudonym of this kind, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Identity.partner_id, Identity.ciphertext).where(
+                    Identity.kind == kind, Identity.pseudonym == pseudonym
+                )
+            ).first()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def study_pseudonyms(self, study_uid: str) -> tuple[int, str, str | None] | None:
+        """(partner id, patient pseudonym, accession) of a study, or None if it is unknown."""
+        with self.read() as s:
+            row = s.execute(
+                select(Study.partner_id, Patient.pseudonym, Study.accession)
+                .join(Patient, Study.patient_id == Patient.id)
+                .where(Study.study_uid == study_uid)
+            ).first()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def find_studies(
+        self, partner_id: int, *, patient: str | None = None, accession: str | None = None
+    ) -> list[str]:
+        """UIDs of the partner's studies with this patient pseudonym and/or accession (both
+        pseudonymous; both must match when both are given), newest first."""
+        if patient is None and accession is None:
+            raise ValueError("give a patient pseudonym, an accession or both")
+        q = select(Study.study_uid).where(Study.partner_id == partner_id)
+        if patient is not None:
+            q = q.join(Patient, Study.patient_id == Patient.id).where(
+                Patient.partner_id == partner_id, Patient.pseudonym == patient
+            )
+        if accession is not None:
+            q = q.where(Study.accession == accession)
+        with self.read() as s:
+            return list(s.scalars(q.order_by(Study.received_at.desc(), Study.id.desc())))
+
     # -- listing ------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         with self.read() as s:
@@ -464,17 +700,31 @@ class Index:
             }
 
     def list_studies(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Studies newest first, without those whose every instance is quarantined. Counts
+        (``num_instances``, ``size_bytes``, ...) include quarantined instances; ``quarantined``
+        says how many of them there are."""
+        held = (  # few rows: it reads the partial index of quarantined instances
+            select(Series.study_id.label("study_id"), func.count(Instance.id).label("n"))
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Instance.quarantine.is_not(None))
+            .group_by(Series.study_id)
+            .subquery()
+        )
+        n_held = func.coalesce(held.c.n, 0)
         with self.read() as s:
             rows = s.execute(
-                select(Study, Patient.pseudonym, Patient.sex, Partner.name)
+                select(Study, Patient.pseudonym, Patient.sex, Partner.name, n_held)
                 .join(Patient, Study.patient_id == Patient.id)
                 .join(Partner, Study.partner_id == Partner.id)
+                .outerjoin(held, held.c.study_id == Study.id)
+                # num_instances moves in the transaction that inserts the instance
+                .where(n_held < Study.num_instances)
                 .order_by(Study.received_at.desc(), Study.id.desc())
                 .limit(limit)
                 .offset(offset)
             )
             out = []
-            for study, pseudonym, sex, partner in rows:
+            for study, pseudonym, sex, partner, quarantined in rows:
                 out.append(
                     {
                         "study_uid": study.study_uid,
@@ -490,6 +740,7 @@ class Index:
                         "num_instances": study.num_instances,
                         "size_bytes": study.size_bytes,
                         "received_at": study.received_at.isoformat() + "Z",
+                        "quarantined": int(quarantined),
                     }
                 )
             return out
