@@ -8,6 +8,7 @@ attribute under the Basic Profile plus the options a policy switches on.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -69,9 +70,10 @@ class Profile:
                 return entry
         return None
 
-    def action(self, tag: int, options: frozenset[Option] = frozenset()) -> str | None:
-        """The action for ``tag``: an enabled option's action wins over the Basic Profile's;
-        None when the table does not list the attribute."""
+    def action(self, tag: int, options: Iterable[Option] = ()) -> str | None:
+        """The action for ``tag``: an enabled option's action wins over the Basic Profile's
+        (the first of ``options``, in their order, that has one); None when the table does not
+        list the attribute."""
         e = self.entry(tag)
         if e is None:
             return None
