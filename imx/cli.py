@@ -3,7 +3,12 @@
     imx serve                                   run the node, the HTTP app and the spool drainer
     imx partner add NAME --ae AE [--host H]...  register a partner hospital (works while serving)
     imx partner list | remove NAME
+    imx partner policy NAME [--set FILE | --default | --show]
+                                                a partner's de-identification policy
+    imx quarantine list | release SOP_UID       objects held back for burned-in annotation
     imx send HOST PORT PATH... --aec AE --aet AE send DICOM files, folders and zips to a node
+    imx anonymize SRC DST [--partner NAME] [--policy FILE]
+                                                de-identify a folder, zip or DICOMDIR offline
     imx check [--repair]                        verify that index and object store agree
     imx settings                                every IMX_ setting with its default
 """
@@ -99,6 +104,53 @@ def cmd_partner_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partner_policy(args: argparse.Namespace) -> int:
+    from imaging.policy import Policy, PolicyError
+
+    settings = _settings()
+    index = _index(settings)
+    p = index.partner_by_name(args.name)
+    if p is None:
+        print(f"imx: no partner named {args.name!r}", file=sys.stderr)
+        return 1
+    if args.set:
+        try:
+            policy = Policy.load(Path(args.set))
+        except PolicyError as e:
+            print(f"imx: {e}", file=sys.stderr)
+            return 2
+        index.set_partner_policy(args.name, policy.to_json())
+        print(f"partner {args.name}: policy set")
+    elif args.default:
+        index.set_partner_policy(args.name, None)
+        print(f"partner {args.name}: the operator's default policy applies")
+    p = index.partner_by_name(args.name)
+    own = getattr(p, "policy", None)
+    policy = Policy.from_json(own) if own else (Policy.load(settings.policy_file) if settings.policy_file else Policy.default())
+    print(f"{'own' if own else 'default'} policy: options {', '.join(policy.to_mapping()['options']) or '(Basic Profile only)'}; burned-in: {policy.burned_in.value}")
+    return 0
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    index = _index(_settings())
+    rows = index.quarantined(limit=args.limit)
+    if not rows:
+        print("nothing is quarantined")
+        return 0
+    for r in rows:
+        print(f"{r['sop_uid']}  partner {r['partner']}  study {r['study_uid']}  {r['reason']}")
+    return 0
+
+
+def cmd_quarantine_release(args: argparse.Namespace) -> int:
+    index = _index(_settings())
+    if not index.release(args.sop_uid):
+        print(f"imx: no quarantined instance {args.sop_uid}", file=sys.stderr)
+        return 1
+    print(f"released {args.sop_uid}: specialists can see it now")
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from dicom_node.send import send
 
@@ -113,6 +165,19 @@ def cmd_send(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     return 0 if not summary.failed and (summary.sent or summary.already) else 1
+
+
+def cmd_anonymize(args: argparse.Namespace) -> int:
+    from imx.anonymize import anonymize
+
+    return anonymize(
+        _settings(),
+        Path(args.src),
+        Path(args.dst),
+        args.partner,
+        Path(args.policy) if args.policy else None,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -148,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("name")
     pr.set_defaults(func=cmd_partner_remove)
 
+    pp_ = psub.add_parser("policy", help="show or set a partner's de-identification policy")
+    pp_.add_argument("name")
+    g = pp_.add_mutually_exclusive_group()
+    g.add_argument("--set", metavar="FILE", help="policy file (TOML or JSON: options, burned_in)")
+    g.add_argument("--default", action="store_true", help="drop the partner's own policy; the operator's default applies")
+    pp_.set_defaults(func=cmd_partner_policy)
+
+    qp = sub.add_parser("quarantine", help="objects held back for burned-in annotation")
+    qsub = qp.add_subparsers(dest="quarantine_command", required=True)
+    ql = qsub.add_parser("list", help="list quarantined instances")
+    ql.add_argument("--limit", type=int, default=100)
+    ql.set_defaults(func=cmd_quarantine_list)
+    qr = qsub.add_parser("release", help="release an instance after checking its pixels")
+    qr.add_argument("sop_uid")
+    qr.set_defaults(func=cmd_quarantine_release)
+
     se = sub.add_parser("send", help="send DICOM files, folders and zip files to a DICOM node")
     se.add_argument("host")
     se.add_argument("port", type=int)
@@ -158,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--retries", type=int, default=5, help="attempts per association, with backoff (default 5)")
     se.add_argument("--no-progress", action="store_true", help="no progress bar")
     se.set_defaults(func=cmd_send)
+
+    an = sub.add_parser("anonymize", help="de-identify a folder, zip or DICOMDIR offline, as ingest would")
+    an.add_argument("src", help="folder, zip file or DICOM file")
+    an.add_argument("dst", help="output folder: <study>/<series>/<instance>.dcm by new UIDs")
+    an.add_argument("--partner", help="the sending hospital whose keys and policy apply (needed when more than one is registered)")
+    an.add_argument("--policy", help="a policy file (TOML or JSON) used instead of the partner's")
+    an.add_argument("--no-progress", action="store_true", help="no progress bar")
+    an.set_defaults(func=cmd_anonymize)
 
     ck = sub.add_parser("check", help="verify that every indexed instance is stored intact")
     ck.add_argument("--repair", action="store_true", help="remove stored objects no index row refers to")

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level of the service's own (PHI-free, JSON) log.")
     metrics_public: bool = Field(True, description="Serve /metrics without authentication.")
 
+    policy_file: Path | None = Field(None, description="The operator's default de-identification policy (TOML or JSON: options, burned_in); partners without their own use it. Unset: Basic Profile with Retain Patient Characteristics, Modified Dates, Clean Descriptors, Clean Structured Content and Clean Graphics; burned-in objects quarantined.")
+    burnin_rules_file: Path | None = Field(None, description="Extra burned-in text region rules (same format as imaging/data/burnin_regions.json); they win over the packaged ones.")
+    safe_private_file: Path | None = Field(None, description="Extra safe private attributes for Retain Safe Private (same format as imaging/data/safe_private.json).")
+    vocabulary_file: Path | None = Field(None, description="Extra safe words for the cleaning options, one per line (added to imaging/data/safe_words.txt).")
+
     @field_validator("ae_title")
     @classmethod
     def _valid_ae(cls, v: str) -> str:
@@ -98,6 +103,10 @@ class Settings(BaseSettings):
     @property
     def key_file(self) -> Path:
         return self.data_dir / "secret.key"
+
+    @property
+    def vault_key_file(self) -> Path:
+        return self.data_dir / "vault.key"
 
     @property
     def effective_database_url(self) -> str:

@@ -21,16 +21,23 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.uid import UID
 from sqlalchemy import exc as sa_exc
 
-from imaging.deid import DeidentificationError, Deidentifier
+from imaging.burnin import BurnInError, BurnInRisk, Region, RegionRules, assess, mask
+from imaging.deid import DeidentificationError, Deidentifier, DeidResult, partner_prefix
+from imaging.descriptors import Vocabulary
 from imaging.dicomio import MalformedInstance, ReceivedInstance, read_received, write_instance
 from imaging.metadata import index_attributes
+from imaging.policy import BurnedInAction, Policy, PolicyError
+from imaging.private import SafePrivate
 from imaging.pseudonym import KeyedHash
 from imx import metrics
 from imx.config import Settings
 from imx.keys import load_or_create_key
 from imx.logs import event
+from imx.reid import IdentityVault
 from storage.index import LOCATION_SPOOL, LOCATION_STORE, Index, InstanceRecord, Partner
 from storage.objects import (
     FileSystemStore,
@@ -53,6 +60,7 @@ class Result(StrEnum):
     DUPLICATE = "duplicate"
     INVALID = "invalid"  # cannot be parsed or de-identified
     MISMATCH = "mismatch"  # does not match what the request said it was
+    REFUSED = "refused"  # the partner's policy refuses it (burned-in annotation)
     OUT_OF_RESOURCES = "out_of_resources"
     FAILED = "failed"
 
@@ -67,6 +75,18 @@ class Outcome:
     reason: str = ""
     sop_instance_uid: str | None = None  # the new (pseudonymous) UID
     sop_class_uid: str | None = None
+    quarantine: str | None = None  # why it is held back from specialists, if it is
+
+
+@dataclass
+class Anonymized:
+    """An instance de-identified under its partner's policy, ready to be written."""
+
+    inst: ReceivedInstance
+    deid: DeidResult
+    sop_uid: str
+    sop_class: str
+    quarantine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,14 +94,19 @@ class PartnerRef:
     id: int
     name: str
     ae_title: str
+    policy_json: str | None = None  # the partner's own de-identification policy; None: the default
 
     @property
     def scope(self) -> str:
         return f"partner:{self.id}"
 
+    @property
+    def prefix(self) -> str:
+        return partner_prefix(self.name)
+
     @classmethod
     def of(cls, p: Partner) -> PartnerRef:
-        return cls(p.id, p.name, p.ae_title)
+        return cls(p.id, p.name, p.ae_title, getattr(p, "policy", None))
 
 
 def make_store(settings: Settings) -> ObjectStore:
@@ -105,13 +130,23 @@ def object_key_for(sop_uid: str) -> str:
 class Archive:
     """Everything one process needs to ingest and read instances, built once from the settings."""
 
-    def __init__(self, settings: Settings, *, index: Index | None = None, store: ObjectStore | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, index: Index | None = None, store: ObjectStore | None = None, offline: bool = False
+    ) -> None:
+        """``offline``: no object store is opened (``imx anonymize`` de-identifies without storing)."""
         self.settings = settings
         self.index = index or Index(settings.effective_database_url)
-        self.store = store or make_store(settings)
+        self.store = store or (None if offline else make_store(settings))  # type: ignore[assignment]
         self.spool = Spool(settings.spool_dir, settings.tmp_dir)
         self.keyed = KeyedHash(load_or_create_key(settings.key_file))
-        self.deid = Deidentifier(self.keyed)
+        self.deid = Deidentifier(
+            self.keyed,
+            vocabulary=Vocabulary.load(settings.vocabulary_file) if settings.vocabulary_file else None,
+            safe_private=SafePrivate.load(settings.safe_private_file) if settings.safe_private_file else None,
+        )
+        self.default_policy = Policy.load(settings.policy_file) if settings.policy_file else Policy.default()
+        self.region_rules = RegionRules.load(settings.burnin_rules_file)
+        self.vault = IdentityVault(self.index, self.keyed, settings.vault_key_file)
         self._store_down_until = 0.0
         self._lock = threading.Lock()
 
@@ -177,11 +212,10 @@ class Archive:
         new_uid = self.deid.new_uid(partner.scope, sop_instance)
         if self.index.instance_exists(new_uid):
             return Outcome(Result.DUPLICATE, "already stored", new_uid, sop_class)
-        try:
-            deid = self.deid.deidentify(ds, partner.scope)
-        except DeidentificationError as e:
-            return Outcome(Result.INVALID, str(e))
-
+        prepared = self.anonymize(partner, inst)
+        if isinstance(prepared, Outcome):
+            return prepared
+        deid, inst, ds = prepared.deid, prepared.inst, prepared.inst.ds
         key = object_key_for(new_uid)
         tmp_out: Path | None = None
         try:
@@ -207,6 +241,7 @@ class Archive:
                 sha256=payload.sha256,
                 size_bytes=payload.size,
                 location=location,
+                quarantine=prepared.quarantine,
                 **attrs,
             )
             try:
@@ -218,6 +253,9 @@ class Archive:
                 return Outcome(Result.OUT_OF_RESOURCES, "the index could not be written")
             if not added:  # a concurrent send of the same instance won; ours wrote identical bytes
                 return Outcome(Result.DUPLICATE, "already stored", new_uid, sop_class)
+            if prepared.quarantine:
+                metrics.QUARANTINED.labels(partner.name).inc()
+                event(log, "instance quarantined", logging.WARNING, partner=partner.name, key=key, reason=prepared.quarantine)
             event(
                 log,
                 "instance stored",
@@ -227,10 +265,71 @@ class Archive:
                 location=location,
                 size=payload.size,
             )
-            return Outcome(Result.SPOOLED if location == LOCATION_SPOOL else Result.STORED, "", new_uid, sop_class)
+            result = Result.SPOOLED if location == LOCATION_SPOOL else Result.STORED
+            return Outcome(result, "", new_uid, sop_class, prepared.quarantine)
         finally:
             if tmp_out is not None:
                 tmp_out.unlink(missing_ok=True)
+
+    # -- de-identification (shared with `imx anonymize`) ------------------------------------------
+    def policy_for(self, partner: PartnerRef) -> Policy:
+        if partner.policy_json:
+            try:
+                return Policy.from_json(partner.policy_json)
+            except PolicyError as e:  # a broken stored policy must not weaken de-identification
+                event(log, "partner policy unusable, default used", logging.ERROR, partner=partner.name, error=str(e))
+        return self.default_policy
+
+    def anonymize(self, partner: PartnerRef, inst: ReceivedInstance, policy: Policy | None = None) -> Anonymized | Outcome:
+        """De-identify a parsed instance under the partner's policy, deciding first what its
+        burned-in annotation risk means: quarantine (stored, held back), mask, or refuse."""
+        policy = policy or self.policy_for(partner)
+        ds = inst.ds
+        sop_class = str(ds.get("SOPClassUID", "") or "").strip("\x00 ")
+        risk = assess(ds)
+        quarantine: str | None = None
+        cleaned = False
+        if risk is not BurnInRisk.NONE:
+            why = "burned-in annotation declared" if risk is BurnInRisk.DECLARED else "burned-in annotation likely for this kind of object"
+            if policy.burned_in is BurnedInAction.REJECT:
+                return Outcome(Result.REFUSED, f"{why}: the partner's policy refuses such objects")
+            if policy.burned_in is BurnedInAction.MASK:
+                rule = self.region_rules.match(ds)
+                if rule is None:
+                    quarantine = f"{why}; no mask rule matches this device and image size"
+                else:
+                    try:
+                        inst = self._masked(inst, rule.regions)
+                    except BurnInError as e:
+                        quarantine = f"{why}; masking failed: {e}"
+                    else:
+                        ds, cleaned = inst.ds, True
+            else:
+                quarantine = why
+        try:
+            deid = self.deid.deidentify(
+                ds,
+                partner.scope,
+                policy,
+                prefix=partner.prefix,
+                identities=lambda kind, original, originals, candidates: self.vault.pseudonym(
+                    partner.id, partner.scope, kind, original, originals, candidates
+                ),
+                pixels_cleaned=cleaned,
+            )
+        except DeidentificationError as e:
+            return Outcome(Result.INVALID, str(e))
+        return Anonymized(inst, deid, str(ds.SOPInstanceUID), sop_class, quarantine)
+
+    def _masked(self, inst: ReceivedInstance, regions: tuple[Region, ...]) -> ReceivedInstance:
+        """Read the whole object (pixels included), mask it, and return it as an inline instance."""
+        try:
+            full = dcmread(inst.source)
+        except Exception as e:
+            raise BurnInError(f"the object cannot be read whole ({type(e).__name__})") from e
+        mask(full, regions)
+        ts = UID(full.file_meta.TransferSyntaxUID)
+        return ReceivedInstance(full, ts, inst.source, None, True)
 
     def _serialize(self, inst: ReceivedInstance) -> tuple[Payload, Path | None]:
         span = inst.pixel_span

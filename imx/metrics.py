@@ -11,6 +11,7 @@ DUPLICATES = Counter("imx_instances_duplicate_total", "Instances already stored,
 REJECTED = Counter("imx_instances_rejected_total", "Instances refused, by partner and reason", ["partner", "reason"])
 OUT_OF_RESOURCES = Counter("imx_out_of_resources_total", "Instances refused because neither store nor spool could take them")
 STORE_FAILURES = Counter("imx_object_store_failures_total", "Object-store writes that failed and went to the spool")
+QUARANTINED = Counter("imx_instances_quarantined_total", "Instances stored but held back for burned-in annotation", ["partner"])
 SPOOL_DRAINED = Counter("imx_spool_drained_total", "Spooled objects moved to the object store")
 ASSOC_REJECTED = Counter("imx_associations_rejected_total", "Associations rejected, by reason", ["reason"])
 INGEST_SECONDS = Histogram(

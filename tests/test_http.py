@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def test_studies_are_listed_with_pseudonymous_fields_only(archive: Archive) -> N
     studies = r.json()["studies"]
     assert len(studies) == 2
     assert {s["partner"] for s in studies} == {"OSH"}
-    assert all(s["patient"].startswith("P") and len(s["patient"]) == 17 for s in studies)
+    assert all(re.fullmatch(r"OSH-[0-9A-F]{6}", s["patient"]) for s in studies)
     assert all(s["study_uid"].startswith("2.25.") for s in studies)
     assert sorted(m for s in studies for m in s["modalities"]) == ["CT", "MR"]
     body = r.text

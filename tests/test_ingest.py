@@ -96,7 +96,8 @@ def test_one_gigabyte_multiframe_is_received_without_holding_it_in_memory(imx_se
     assert row is not None and row.frames == 4096
     obj = imx_server.data_dir / "objects" / row.object_key
     stored = dcmread(obj, stop_before_pixels=True)
-    assert str(stored.PatientName).startswith("P") and stored.PatientIdentityRemoved == "YES"
+    assert str(stored.PatientName) == stored.PatientID and stored.PatientIdentityRemoved == "YES"
+    assert stored.PatientID.startswith("DEMO-")  # the demo partner's readable prefix
     with open(obj, "rb") as f:  # Pixel Data is the last element: compare its bytes
         f.seek(obj.stat().st_size - 4096 * FRAME)
         h = hashlib.sha256()

@@ -256,3 +256,31 @@ def test_parallel_associations_are_spread_over_the_receivers(imx_server, tmp_pat
     assert len(pids) == 4
     assert sorted(pids.count(p) for p in set(pids)) == [2, 2]
     assert sum(s["num_instances"] for s in imx_server.studies()) == 160
+
+
+def test_burned_in_policy_over_dimse(imx_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A screenshot declaring burned-in text: quarantined under the default policy (Success, held
+    back), refused with 0x0124 once the partner's policy says reject, changed while serving."""
+    from pydicom import dcmread
+    from pydicom.data.data_manager import DATA_ROOT
+
+    def screenshot(name: str, uid: str) -> Path:
+        ds = dcmread(Path(DATA_ROOT, "test_files", "SC_rgb_small_odd.dcm"))
+        ds.BurnedInAnnotation = "YES"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        return tmp_path / name
+
+    held = storescu(imx_server.dicom_port, [screenshot("a.dcm", "1.2.826.0.1.3680043.99.7.1")], extra=["-v"])
+    assert _stored(held), held.stderr
+    listed = imx_server.imx("quarantine", "list")
+    assert listed.returncode == 0 and "burned-in annotation declared" in listed.stdout
+
+    policy = tmp_path / "reject.toml"
+    policy.write_text('options = ["retain_patient_characteristics"]\nburned_in = "reject"\n')
+    set_ = imx_server.imx("partner", "policy", "DEMO", "--set", str(policy))
+    assert set_.returncode == 0 and "burned-in: reject" in set_.stdout, set_.stderr
+    refused = storescu(imx_server.dicom_port, [screenshot("b.dcm", "1.2.826.0.1.3680043.99.7.2")], extra=["-v"])
+    out = refused.stdout + refused.stderr
+    # dcmtk has no name for the general status 0x0124 (PS3.7 C.4.2, Refused: Not Authorized)
+    assert not _stored(refused) and "status: 0x124" in out.lower(), out
