@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from pydicom import config  # noqa: E402
 from pydicom.data.data_manager import DATA_ROOT  # noqa: E402
 
 from imaging.deid import DeidentificationError, Deidentifier  # noqa: E402
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per corpus; the best is reported")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
+    config.settings.reading_validation_mode = config.IGNORE  # as the service runs (imx/ingest.py)
     deid = Deidentifier(KeyedHash(b"bench-key-0123456789abcdef012345"))
     policy = Policy.default()
     with tempfile.TemporaryDirectory(prefix="imx-bench-anon-") as scratch:

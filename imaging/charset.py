@@ -82,6 +82,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_deferred_data_element
 from pydicom.hooks import hooks
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pydicom.valuerep import PersonName
 
 __all__ = ["CharsetReport", "normalize_charset", "MAX_DEPTH", "TARGET_CHARSET"]
@@ -684,4 +685,35 @@ def normalize_charset(ds: Dataset) -> CharsetReport:
     report = CharsetReport()
     _Walk(report).dataset(ds, _charset(()), 0, top=True)
     ds.SpecificCharacterSet = TARGET_CHARSET
+    if not _needs_vr_lookup(ds):
+        _settle(ds, 0)
     return report
+
+
+def _needs_vr_lookup(ds: Dataset) -> bool:
+    """True when raw elements carry no VR (read as implicit VR) but the file says explicit VR, as
+    in some broken files: pydicom must then convert every element (looking up its VR) to write
+    them, which is what it does when it sees the character set change, so nothing is settled."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    try:
+        implicit_out = UID(ts).is_implicit_VR if ts else bool(ds.original_encoding[0])
+    except (ValueError, AttributeError):
+        return True
+    if implicit_out:
+        return False
+    return any(isinstance(e, RawDataElement) and e.VR is None for e in ds._dict.values())
+
+
+def _settle(ds: Dataset, depth: int) -> None:
+    """Tell pydicom the character set is settled. Every text value is now a ``str``; what is left
+    raw (numbers, UIDs, codes, bulk data, unknown private bytes) is encoded the same under any
+    character set. Without this, pydicom sees the declaration change and, when writing, decodes
+    and re-encodes every raw element of the dataset (about 1.5 ms of a CT header's 2 ms)."""
+    if depth > MAX_DEPTH:
+        return
+    ds._read_charset = ds._character_set  # pydicom < 4: the charset the raw values were read with
+    for elem in ds._dict.values():
+        if isinstance(elem, DataElement) and elem.VR == "SQ" and elem.value:
+            for item in elem.value:
+                _settle(item, depth + 1)
