@@ -5,7 +5,8 @@
     imx partner list | remove NAME
     imx partner policy NAME [--set FILE | --default | --show]
                                                 a partner's de-identification policy
-    imx quarantine list | release SOP_UID       objects held back for burned-in annotation
+    imx quarantine list | release SOP_UID | mask SOP_UID [--region X,Y,W,H]...
+                                                objects held back for burned-in annotation
     imx send HOST PORT PATH... --aec AE --aet AE send DICOM files, folders and zips to a node
     imx anonymize SRC DST [--partner NAME] [--policy FILE]
                                                 de-identify a folder, zip or DICOMDIR offline
@@ -151,6 +152,34 @@ def cmd_quarantine_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _region(value: str):  # type: ignore[no-untyped-def]
+    from imaging.burnin import Region
+
+    try:
+        x, y, w, h = (int(v) for v in value.split(","))
+        return Region(x, y, w, h)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError("a region is X,Y,WIDTH,HEIGHT in pixels, e.g. 0,0,640,60") from None
+
+
+def cmd_quarantine_mask(args: argparse.Namespace) -> int:
+    from imx.config import ensure_layout
+    from imx.ingest import Archive
+
+    settings = _settings()
+    ensure_layout(settings)
+    archive = Archive(settings)
+    try:
+        archive.index.migrate()
+        print(archive.mask_quarantined(args.sop_uid, tuple(args.region) if args.region else None))
+        return 0
+    except ValueError as e:
+        print(f"imx: {e}", file=sys.stderr)
+        return 1
+    finally:
+        archive.close()
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from dicom_node.send import send
 
@@ -228,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     qr = qsub.add_parser("release", help="release an instance after checking its pixels")
     qr.add_argument("sop_uid")
     qr.set_defaults(func=cmd_quarantine_release)
+    qm = qsub.add_parser("mask", help="black out burned-in text (rule for the device, or --region) and release")
+    qm.add_argument("sop_uid")
+    qm.add_argument("--region", action="append", type=_region, help="X,Y,WIDTH,HEIGHT to black out (repeatable)")
+    qm.set_defaults(func=cmd_quarantine_mask)
 
     se = sub.add_parser("send", help="send DICOM files, folders and zip files to a DICOM node")
     se.add_argument("host")

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from pydicom import config, dcmread
+from pydicom import config, dcmread, dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import UID
 from sqlalchemy import exc as sa_exc
 
@@ -334,6 +336,48 @@ class Archive:
         mask(full, regions)
         ts = UID(full.file_meta.TransferSyntaxUID)
         return ReceivedInstance(full, ts, inst.source, None, True)
+
+    def mask_quarantined(self, sop_uid: str, regions: tuple[Region, ...] | None = None) -> str:
+        """An operator masks a quarantined instance: with ``regions`` given, or those of the rule
+        that matches its device. The masked object is stored under a new key, the index row is
+        pointed at it and released in one transaction, then the old object is deleted; a crash
+        in between leaves at most an orphan for ``imx check --repair``. Returns a message;
+        raises ValueError with a reason when it cannot be done."""
+        row = self.index.get_instance(sop_uid)
+        if row is None or row.quarantine is None:
+            raise ValueError("no quarantined instance has this SOP Instance UID")
+        data = self.read_object(sop_uid)
+        if data is None:
+            raise ValueError("the stored object is missing; run imx check")
+        ds = dcmread(io.BytesIO(data))
+        if regions is None:
+            rule = self.region_rules.match(ds)
+            if rule is None:
+                raise ValueError("no mask rule matches this device and image size; give --region")
+            regions = rule.regions
+        try:
+            mask(ds, regions)
+        except BurnInError as e:
+            raise ValueError(f"masking failed: {e}") from None
+        codes = ds.get("DeidentificationMethodCodeSequence") or []
+        if not any(str(c.get("CodeValue", "")) == "113101" for c in codes):
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "113101", "DCM", "Clean Pixel Data Option"
+            ds.DeidentificationMethodCodeSequence = Sequence([*codes, item])
+        buf = io.BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+        payload = Payload(data=buf.getvalue())
+        key = make_key("i", hashlib.sha256(f"masked:{sop_uid}:{payload.sha256}".encode()).hexdigest())
+        self.store.put(key, payload)
+        old = self.index.replace_object(
+            sop_uid, object_key=key, sha256=payload.sha256, size_bytes=payload.size, transfer_syntax=str(ds.file_meta.TransferSyntaxUID)
+        )
+        if old is None:
+            self.store.delete(key)
+            raise ValueError("the instance was released or changed meanwhile")
+        self._discard(old, row.location)
+        event(log, "quarantined instance masked and released", key=key)
+        return f"masked {len(regions)} region(s) and released {sop_uid}"
 
     def _serialize(self, inst: ReceivedInstance) -> tuple[Payload, Path | None]:
         span = inst.pixel_span

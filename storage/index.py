@@ -574,6 +574,30 @@ class Index:
             )
             return result.rowcount == 1
 
+    def replace_object(self, sop_uid: str, *, object_key: str, sha256: str, size_bytes: int, transfer_syntax: str) -> str | None:
+        """Point a quarantined instance at its masked object and release it, in one transaction.
+        Returns the old object key (for the caller to delete), or None if the instance is unknown
+        or not quarantined."""
+        with self.write() as s:
+            row = s.execute(
+                select(Instance.object_key).where(Instance.sop_uid == sop_uid, Instance.quarantine.is_not(None))
+            ).first()
+            if row is None:
+                return None
+            s.execute(
+                update(Instance)
+                .where(Instance.sop_uid == sop_uid)
+                .values(
+                    object_key=object_key,
+                    sha256=sha256,
+                    size_bytes=size_bytes,
+                    transfer_syntax=transfer_syntax,
+                    location=LOCATION_STORE,
+                    quarantine=None,
+                )
+            )
+            return str(row[0])
+
     # -- identity vault -----------------------------------------------------------------------
     def claim_identity(
         self,

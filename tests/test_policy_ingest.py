@@ -226,3 +226,35 @@ def test_imx_anonymize_matches_ingest_byte_for_byte(archive: Archive, tmp_path: 
             assert again.read_object(out.sop_instance_uid) == out_file.read_bytes()
     finally:
         again.close()
+
+
+def test_operator_masks_a_quarantined_object(archive: Archive, tmp_path: Path) -> None:
+    osh = partner(archive, "OSH-CITY", "OSHPACS")
+    src = burned_in(tmp_path)
+    out = archive.ingest_file(osh, src)
+    assert out.quarantine
+    old_key = archive.index.get_instance(out.sop_instance_uid).object_key
+    data_dir = archive.settings.data_dir
+    archive.close()
+
+    no_rule = imx(data_dir, "quarantine", "mask", out.sop_instance_uid)
+    assert no_rule.returncode == 1 and "give --region" in no_rule.stderr
+    cols = int(dcmread(src).Columns)
+    masked = imx(data_dir, "quarantine", "mask", out.sop_instance_uid, "--region", f"0,0,{cols},3")
+    assert masked.returncode == 0, masked.stderr
+    assert "nothing is quarantined" in imx(data_dir, "quarantine", "list").stdout
+    check = imx(data_dir, "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    again = Archive(archive.settings)
+    try:
+        row = again.index.get_instance(out.sop_instance_uid)
+        assert row.quarantine is None and row.object_key != old_key
+        assert not (data_dir / "objects" / old_key).exists()
+        ds = stored(again, out.sop_instance_uid)
+        assert ds.BurnedInAnnotation == "NO" and "113101" in codes(ds)
+        assert np.all(ds.pixel_array[:3] == 0)
+        assert np.array_equal(ds.pixel_array[3:], dcmread(src).pixel_array[3:])
+        assert [s["quarantined"] for s in again.index.list_studies()] == [0]
+    finally:
+        again.close()
