@@ -74,6 +74,9 @@ class Partner(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     # JSON object: the partner's de-identification policy; NULL = the operator's default
     policy: Mapped[str | None] = mapped_column(Text)
+    # where C-MOVE sends to this partner's AE title (its PACS's storage SCP); NULL = not a destination
+    dest_host: Mapped[str | None] = mapped_column(String(255))
+    dest_port: Mapped[int | None] = mapped_column(Integer)
 
     @property
     def host_list(self) -> list[str]:
@@ -145,6 +148,13 @@ class Instance(Base):
             sqlite_where=text("quarantine IS NOT NULL"),
             postgresql_where=text("quarantine IS NOT NULL"),
         ),
+        # partial: the preview workers' queue is the instances not yet rendered
+        SqlIndex(
+            "ix_instance_preview_pending",
+            "id",
+            sqlite_where=text("preview_status IS NULL"),
+            postgresql_where=text("preview_status IS NULL"),
+        ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -163,6 +173,25 @@ class Instance(Base):
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     # NULL = visible; otherwise why it is held back (a short fixed reason, never PHI)
     quarantine: Mapped[str | None] = mapped_column(String(QUARANTINE_REASON_MAX))
+    # previews: NULL = not rendered yet (the workers' queue); 'ok'; 'unrenderable' (with the reason)
+    preview_status: Mapped[str | None] = mapped_column(String(16))
+    preview_reason: Mapped[str | None] = mapped_column(String(200))
+
+
+class Rendition(Base):
+    """A rendered image of an instance kept in the object store: a thumbnail or preview of one
+    frame, under a key the service generates."""
+
+    __tablename__ = "rendition"
+    __table_args__ = (UniqueConstraint("instance_id", "kind", "frame", name="uq_rendition"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # 'thumbnail' | 'preview'
+    frame: Mapped[int] = mapped_column(Integer)  # 1-based
+    object_key: Mapped[str] = mapped_column(String(128), unique=True)
+    media_type: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Identity(Base):
