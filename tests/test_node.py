@@ -254,7 +254,9 @@ def test_parallel_associations_are_spread_over_the_receivers(imx_server, tmp_pat
         if line.startswith("{") and '"association accepted"' in line
     ]
     assert len(pids) == 4
-    assert sorted(pids.count(p) for p in set(pids)) == [2, 2]
+    # each receiver takes some; an exact 2/2 split depends on when each sender's association ends
+    # relative to the next one's start, which a loaded machine shifts (1/3 was seen in CI)
+    assert len(set(pids)) == 2, f"all four associations went to one receiver: {pids}"
     assert sum(s["num_instances"] for s in imx_server.studies()) == 160
 
 
