@@ -107,6 +107,7 @@ def _is_free_text(tag: int, vr: str) -> bool:
 
 _META_VERSION = BaseTag(0x00020001)
 _META_TS = BaseTag(0x00020010)
+TIMEZONE_OFFSET = 0x00080201
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
 ACCESSION_NUMBER = 0x00080050
@@ -470,6 +471,10 @@ class Deidentifier:
         an overlay bitmap or curve is kept (Clean Graphics keeps graphics, cleans their text)."""
         if vr == "SQ":
             self._walk_sequence(ds[tag], ctx, MODE_CLEAN if mode != MODE_DUMMY else mode, depth)
+        elif tag == TIMEZONE_OFFSET:  # an SH that is really a time value: kept when well formed
+            value = str(ds[tag].value or "").strip()
+            if not re.fullmatch(r"[+-]\d{4}", value):
+                del ds[tag]
         elif vr in DATE_VRS:
             if ctx.policy.shifts_dates:
                 self._shift(ds, tag, vr, ctx, done)

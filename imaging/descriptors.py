@@ -20,6 +20,8 @@ _WORD = re.compile(r"[^\W_]+(?:[/'\-.,][^\W_]+)*|[+%°]", re.UNICODE)
 _NUMBER = re.compile(
     r"\d{1,3}(?:[.,]\d{1,3})?(?:mm|cm|m|ml|mg|kg|kv|kvp|ma|mas|s|ms|sec|min|h|hz|khz|mhz|t|x|deg|%|°)?", re.I
 )
+_JOINERS = re.compile(r"[/\-]")
+_WORD_NUMBER = re.compile(r"([^\W\d_]+)(\d{1,3})")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 
 
@@ -58,7 +60,18 @@ class Vocabulary:
         return kept
 
     def keeps(self, word: str) -> bool:
-        return word.casefold() in self.words or bool(_NUMBER.fullmatch(word))
+        """A word of the vocabulary; a short number with an optional unit; a vocabulary word with
+        a short number stuck to it ("isovue300", "t2"); or parts joined by / or - that each pass,
+        at most one of them a bare number ("ISOVUE300/100", "T1/T2"; not "13/06/87")."""
+        w = word.casefold()
+        if w in self.words or _NUMBER.fullmatch(w):
+            return True
+        parts = _JOINERS.split(w)
+        if len(parts) > 1:
+            numbers = sum(1 for p in parts if p.isdigit())
+            return numbers <= 1 and all(p and self.keeps(p) for p in parts)
+        m = _WORD_NUMBER.fullmatch(w)
+        return bool(m) and m[1] in self.words
 
     def clean(self, text: str) -> str:
         """The words of ``text`` that are in the vocabulary, joined by single spaces."""
