@@ -27,6 +27,9 @@ class Report:
 
 def verify(archive) -> Report:  # type: ignore[no-untyped-def]
     rep = Report()
+    # list the store before reading the rows: an object written (and indexed) meanwhile is then
+    # known, not mistaken for an orphan that --repair would delete
+    stored = list(archive.store.list())
     known: set[str] = set()
     for _uid, key, sha, location in archive.index.all_instances():
         rep.instances += 1
@@ -43,7 +46,8 @@ def verify(archive) -> Report:  # type: ignore[no-untyped-def]
             rep.missing.append(key)
         elif hashlib.sha256(data).hexdigest() != sha:
             rep.damaged.append(key)
-    rep.orphans = [k for k in archive.store.list() if k not in known]
+    known.update(archive.index.rendition_keys())  # previews and thumbnails are not orphans
+    rep.orphans = [k for k in stored if k not in known]
     return rep
 
 

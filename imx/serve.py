@@ -2,7 +2,8 @@
 
 The supervisor prepares the data folder (keys, migrations, clean-up after a crash), starts
 ``IMX_DICOM_WORKERS`` receiver processes that share the DICOM port, runs the spool drainer and the
-HTTP app, restarts a receiver that dies, and on SIGTERM or SIGINT stops cleanly: receivers accept
+HTTP app and the render workers of previews (``imx/previews.py``, ``IMX_PREVIEW_WORKERS``), restarts
+a receiver that dies, and on SIGTERM or SIGINT stops cleanly: receivers accept
 no new association, finish the ones in flight, then everything exits.
 
 Before this module is imported, ``PROMETHEUS_MULTIPROC_DIR`` must be set (``imx.cli`` does it).
@@ -231,6 +232,23 @@ def serve(settings: Settings) -> int:
         sup.stop_workers()
         return 2
 
+    # Render workers for previews (imx/previews.py): processes with memory and time limits, fed
+    # by one thread that renders the queue (instances acknowledged, not yet rendered).
+    from imx import previews
+
+    try:
+        preview_service = previews.start(archive)
+    except RuntimeError as e:
+        print(f"imx: the render workers cannot start: {e}", file=sys.stderr)
+        sup.stopping.set()
+        sup.stop_workers()
+        return 2
+    previews.attach(archive, preview_service)
+    preview_thread = threading.Thread(
+        target=previews.run_queue, args=(preview_service, sup.stopping), name="imx-previews", daemon=True
+    )
+    preview_thread.start()
+
     import uvicorn
 
     from viewer.app import create_app
@@ -254,6 +272,7 @@ def serve(settings: Settings) -> int:
         print(f"imx: the HTTP port {settings.http_port} cannot be opened", file=sys.stderr)
         sup.stopping.set()
         sup.stop_workers()
+        preview_service.pool.close()
         return 2
 
     def drainer() -> None:
@@ -269,7 +288,14 @@ def serve(settings: Settings) -> int:
     drain_thread.start()
 
     print(_banner(settings, archive), flush=True)
-    event(log, "ready", dicom_port=settings.dicom_port, http_port=settings.http_port, receivers=settings.effective_workers)
+    event(
+        log,
+        "ready",
+        dicom_port=settings.dicom_port,
+        http_port=settings.http_port,
+        receivers=settings.effective_workers,
+        render_workers=settings.preview_workers,
+    )
     while not sup.stopping.wait(1.0):
         sup.watch_workers()
 
@@ -278,6 +304,9 @@ def serve(settings: Settings) -> int:
     http.should_exit = True
     http_thread.join(10)
     drain_thread.join(10)
+    preview_thread.join(settings.preview_timeout + 5)
+    preview_service.pool.close()
+    previews.detach(archive)
     archive.close()
     event(log, "stopped")
     return 0

@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+"""Render benchmark: thumbnails and full-size PNG and JPEG renders over HTTP, imx against Orthanc.
+
+Run by hand (it is not a test)::
+
+    .venv/bin/python bench/render.py                      # 200 CT instances, both servers
+    .venv/bin/python bench/render.py --count 500 --corpus /tmp/ct-corpus --keep
+
+What it does:
+
+1. Takes the CT corpus of ``bench/ingest.py`` (512x512, 16-bit, ~512 KiB, studies of 100): its
+   generator, or ``--corpus DIR`` (generated there when it holds no ``*.dcm``).
+2. Starts ``imx serve`` and Orthanc (with Debian's DICOMweb plugin) on fresh data folders and free
+   loopback ports, sends the corpus to both with ``storescu``, and waits until imx has rendered its
+   preview queue (so background work does not run during the measurement).
+3. Requests every instance, one request at a time over one keep-alive connection, per kind:
+
+   - imx ``GET /api/series/{uid}/thumbnail`` (kept series thumbnails), ``GET
+     /api/instances/{uid}/rendered`` (the kept 512 px JPEG preview), and, rendered on demand
+     (parameters given, so nothing kept is used), ``?format=png`` and ``?format=jpeg`` at full size;
+   - Orthanc ``GET /instances/{id}/preview`` (PNG), DICOMweb ``GET .../instances/{uid}/rendered``
+     (JPEG) and ``.../thumbnail`` when the plugin has it.
+
+   A few requests warm each kind up first; no ETag is sent, so every answer is a full 200.
+4. Prints per-request p50/p95 in ms and requests/s for each, then the ratios imx/Orthanc (time per
+   request: below 1 means imx is faster). The last line is
+   ``imx/orthanc p50: PNG X.XXx, JPEG Y.YYx (imx png A ms, jpeg B ms; orthanc preview C ms, rendered D ms)``.
+
+Every process it starts is stopped and its temporary folders removed unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import shutil
+import signal
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ingest as ingest_bench  # noqa: E402  bench/ingest.py: the same corpus, servers and helpers
+
+HOST = ingest_bench.HOST
+DICOMWEB_PLUGIN = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7",
+)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class ImxRender(ingest_bench.Imx):
+    def __init__(self, workdir: Path, venv: Path, preview_workers: int) -> None:
+        super().__init__(workdir, venv)
+        self.preview_workers = preview_workers
+
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        cmd, env, cwd = super().command()
+        env["IMX_PREVIEW_WORKERS"] = str(self.preview_workers)
+        return cmd, env, cwd
+
+    def pending(self) -> tuple[int, int]:
+        """(instances, instances not yet rendered), read from the index (read-only)."""
+        db = sqlite3.connect(
+            f"file:{self.workdir / 'data' / 'index.sqlite3'}?mode=ro", uri=True, timeout=30
+        )
+        try:
+            total = db.execute("SELECT count(*) FROM instance").fetchone()[0]
+            waiting = db.execute(
+                "SELECT count(*) FROM instance WHERE preview_status IS NULL AND quarantine IS NULL"
+            ).fetchone()[0]
+            return int(total), int(waiting)
+        finally:
+            db.close()
+
+    def uids(self) -> tuple[list[str], list[str]]:
+        """(SOP instance UIDs, series UIDs) as imx holds them (pseudonymous)."""
+        db = sqlite3.connect(
+            f"file:{self.workdir / 'data' / 'index.sqlite3'}?mode=ro", uri=True, timeout=30
+        )
+        try:
+            sops = [r[0] for r in db.execute("SELECT sop_uid FROM instance ORDER BY id")]
+            series = [r[0] for r in db.execute("SELECT series_uid FROM series ORDER BY id")]
+            return sops, series
+        finally:
+            db.close()
+
+
+class OrthancRender(ingest_bench.Orthanc):
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        cmd, env, cwd = super().command()
+        cfg_path = Path(cmd[1])
+        cfg = json.loads(cfg_path.read_text())
+        plugin = next((p for p in DICOMWEB_PLUGIN if Path(p).exists()), None)
+        if plugin is None:
+            raise RuntimeError(
+                "Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
+            )
+        cfg["Plugins"] = [plugin]
+        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False}
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        return cmd, env, cwd
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=120)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+        for attempt in range(2):
+            try:
+                self.conn.request("GET", path, headers=headers or {})
+                r = self.conn.getresponse()
+                return r.status, r.getheader("Content-Type", ""), r.read()
+            except (http.client.HTTPException, ConnectionError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(HOST, self.port, timeout=120)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def json(self, path: str) -> object:
+        status, _, body = self.get(path)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {status}")
+        return json.loads(body)
+
+
+@dataclass
+class Figure:
+    name: str
+    times: list[float]  # seconds per request
+    errors: int
+    bytes: int
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.times) * 1000 if self.times else float("nan")
+
+    @property
+    def p95(self) -> float:
+        if len(self.times) < 2:
+            return self.p50
+        return statistics.quantiles(self.times, n=20, method="inclusive")[18] * 1000
+
+    @property
+    def rate(self) -> float:
+        total = sum(self.times)
+        return len(self.times) / total if total else 0.0
+
+    def line(self) -> str:
+        avg = self.bytes // max(1, len(self.times))
+        err = f", {self.errors} errors" if self.errors else ""
+        return f"{self.name:<34} p50 {self.p50:7.2f} ms  p95 {self.p95:7.2f} ms  {self.rate:7.1f}/s  ({len(self.times)} requests, {avg // 1024} KiB avg{err})"
+
+
+def measure(name: str, client: Client, paths: list[str], expect: str, warmup: int = 5) -> Figure:
+    for p in paths[:warmup]:
+        client.get(p)
+    times: list[float] = []
+    errors = total = 0
+    for p in paths:
+        t0 = time.perf_counter()
+        status, ctype, body = client.get(p)
+        dt = time.perf_counter() - t0
+        if status != 200 or not ctype.startswith(expect):
+            errors += 1
+            if errors == 1:
+                log(f"  {name}: GET {p} -> HTTP {status} {ctype} {body[:200]!r}")
+            continue
+        times.append(dt)
+        total += len(body)
+    return Figure(name, times, errors, total)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what}: not done after {timeout:.0f} s")
+
+
+def send_all(server: ingest_bench.Server, root: Path, scratch: Path, timeout: float) -> None:
+    seconds, problems = ingest_bench.send(server, [root], scratch, timeout)
+    log(f"{server.name}: corpus sent in {seconds:.1f} s")
+    for p in problems:
+        log(f"  warning: {p}")
+
+
+def orthanc_targets(client: Client) -> list[tuple[str, str, str, str]]:
+    """(orthanc id, study UID, series UID, SOP instance UID) of every instance."""
+    out = []
+    studies = {
+        s["ID"]: s["MainDicomTags"]["StudyInstanceUID"] for s in client.json("/studies?expand")
+    }  # type: ignore[union-attr,index]
+    series = {
+        s["ID"]: (studies[s["ParentStudy"]], s["MainDicomTags"]["SeriesInstanceUID"])
+        for s in client.json("/series?expand")  # type: ignore[union-attr]
+    }
+    for inst in client.json("/instances?expand"):  # type: ignore[union-attr]
+        st, se = series[inst["ParentSeries"]]  # type: ignore[index]
+        out.append((inst["ID"], st, se, inst["MainDicomTags"]["SOPInstanceUID"]))  # type: ignore[index]
+    return out
+
+
+def run_imx(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> dict[str, Figure]:
+    server = ImxRender(
+        Path(tempfile.mkdtemp(prefix="imx-", dir=scratch)), args.venv, args.preview_workers
+    )
+    figures: dict[str, Figure] = {}
+    try:
+        server.start()
+        send_all(server, corpus, server.workdir, 120 + 0.5 * n)
+        t0 = time.perf_counter()
+        wait_for(
+            "imx preview queue",
+            lambda: server.pending()[1] == 0 and server.pending()[0] >= n,
+            120 + n,
+        )
+        log(
+            f"imx: background previews of {server.pending()[0]} instances done {time.perf_counter() - t0:.1f} s after the send"
+        )
+        sops, series = server.uids()
+        c = Client(server.http_port)
+        thumbs = [f"/api/series/{s}/thumbnail" for s in series]
+        thumbs = (thumbs * (-(-len(sops) // max(1, len(thumbs)))))[
+            : len(sops)
+        ]  # as many requests as instances
+        figures["thumb"] = measure("imx series thumbnail (kept)", c, thumbs, "image/jpeg")
+        figures["preview"] = measure(
+            "imx preview 512 JPEG (kept)",
+            c,
+            [f"/api/instances/{u}/rendered" for u in sops],
+            "image/jpeg",
+        )
+        figures["png"] = measure(
+            "imx rendered PNG (on demand)",
+            c,
+            [f"/api/instances/{u}/rendered?format=png" for u in sops],
+            "image/png",
+        )
+        figures["jpeg"] = measure(
+            "imx rendered JPEG (on demand)",
+            c,
+            [f"/api/instances/{u}/rendered?format=jpeg" for u in sops],
+            "image/jpeg",
+        )
+    finally:
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(server.workdir, ignore_errors=True)
+    return figures
+
+
+def run_orthanc(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> dict[str, Figure]:
+    server = OrthancRender(Path(tempfile.mkdtemp(prefix="orthanc-", dir=scratch)))
+    figures: dict[str, Figure] = {}
+    try:
+        server.start()
+        send_all(server, corpus, server.workdir, 120 + 0.5 * n)
+        c = Client(server.http_port)
+        wait_for("orthanc instances", lambda: server.count() >= n, 60)
+        targets = orthanc_targets(c)
+        dw = [f"/dicom-web/studies/{st}/series/{se}/instances/{sop}" for _, st, se, sop in targets]
+        figures["png"] = measure(
+            "orthanc /instances/{id}/preview PNG",
+            c,
+            [f"/instances/{i}/preview" for i, *_ in targets],
+            "image/png",
+        )
+        figures["jpeg"] = measure(
+            "orthanc DICOMweb /rendered JPEG", c, [f"{p}/rendered" for p in dw], "image/jpeg"
+        )
+        status, _, _ = c.get(f"{dw[0]}/thumbnail")
+        if status == 200:
+            figures["thumb"] = measure(
+                "orthanc DICOMweb /thumbnail", c, [f"{p}/thumbnail" for p in dw], "image/"
+            )
+        else:
+            log(f"orthanc: DICOMweb /thumbnail answers HTTP {status}; not measured")
+    finally:
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(server.workdir, ignore_errors=True)
+    return figures
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--count", type=int, default=200, help="instances (default 200)")
+    ap.add_argument("--corpus", help="folder of *.dcm to reuse; generated there when it holds none")
+    ap.add_argument(
+        "--preview-workers", type=int, default=1, help="IMX_PREVIEW_WORKERS (default 1)"
+    )
+    ap.add_argument("--venv", type=Path, default=ingest_bench.REPO / ".venv")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    ap.add_argument("--seed", type=int, default=20240101)
+    args = ap.parse_args(argv)
+    args.venv = args.venv.expanduser().absolute()
+    for tool in ("storescu", "echoscu", "Orthanc"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} is not on PATH")
+    signal.signal(signal.SIGTERM, _interrupt)
+    scratch = Path(tempfile.mkdtemp(prefix="imx-render-bench-"))
+    try:
+        if args.corpus:
+            root = Path(args.corpus).expanduser().resolve()
+            files = sorted(root.rglob("*.dcm")) if root.is_dir() else []
+            if len(files) < args.count:
+                root.mkdir(parents=True, exist_ok=True)
+                log(f"corpus: generating {args.count} instances in {root} ...")
+                ingest_bench.generate_corpus(root, args.count, 100, args.seed)
+        else:
+            root = scratch / "corpus"
+            log(f"corpus: generating {args.count} instances ...")
+            ingest_bench.generate_corpus(root, args.count, 100, args.seed)
+        files = sorted(root.rglob("*.dcm"))[: args.count]
+        if len(files) != len(sorted(root.rglob("*.dcm"))):  # send exactly --count
+            sub = scratch / "subset"
+            sub.mkdir()
+            for i, f in enumerate(files):
+                (sub / f"{i:06d}.dcm").symlink_to(f)
+            root = sub
+        n = len(files)
+        load = __import__("os").getloadavg()[0]
+        log(
+            f"corpus: {n} CT instances; machine load average {load:.2f} (other work skews the figures)"
+        )
+        imx = run_imx(args, root, scratch, n)
+        orth = run_orthanc(args, root, scratch, n)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        if args.keep:
+            log(f"kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    log("")
+    for f in [*imx.values(), *orth.values()]:
+        log(f.line())
+    log("")
+
+    def ratio(a: str, b: str) -> str:
+        if a in imx and b in orth and orth[b].p50 > 0:
+            return f"{imx[a].p50 / orth[b].p50:.2f}x"
+        return "n/a"
+
+    if "thumb" in orth:
+        log(f"imx/orthanc thumbnail p50: {ratio('thumb', 'thumb')}")
+    log(
+        f"imx/orthanc p50: PNG {ratio('png', 'png')}, JPEG {ratio('jpeg', 'jpeg')} "
+        f"(imx png {imx['png'].p50:.1f} ms, jpeg {imx['jpeg'].p50:.1f} ms; "
+        f"orthanc preview {orth['png'].p50:.1f} ms, rendered {orth['jpeg'].p50:.1f} ms)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

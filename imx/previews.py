@@ -1,0 +1,831 @@
+"""Previews: series thumbnails and per-instance previews, rendered off the hot path by worker
+processes with memory and time limits, kept in the object store, served over HTTP.
+
+The pieces:
+
+- ``RenderPool``: worker processes (spawn context). Each one lowers its own address-space limit
+  (``RLIMIT_AS``) before importing any image code; the parent gives every job a time limit and
+  kills and replaces a worker that overruns, dies or runs out of memory. A broken or malicious
+  object (dimensions far beyond its data, a bad LUT, a decompression bomb) therefore fails one job,
+  never the node.
+- ``Previews``: what the service does with the pool. ``run_pending()`` renders the queue
+  (instances whose ``preview_status`` is NULL: rows exist only after the ack, so nothing is
+  rendered before it), stores each rendition under a generated key (never a UID) and records it;
+  ``preview()``, ``rendered()`` and ``series_thumbnail()`` answer the HTTP routes (and WADO-RS
+  ``/rendered`` and ``/thumbnail``, PS3.18 10.4 and 10.7), rendering on demand what is missing.
+
+The rendering itself (windowing, PS3.3 C.11.2 VOI LUT; encoding) is ``imaging/render.py``; this
+module only schedules it, bounds it and keeps its results.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import hashlib
+import io
+import logging
+import multiprocessing as mp
+import os
+import queue
+import resource
+import secrets
+import signal
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from imx.logs import event
+
+if TYPE_CHECKING:
+    from imx.ingest import Archive
+
+log = logging.getLogger("imx.previews")
+
+MiB = 1024 * 1024
+KIND_PREVIEW = "preview"
+KIND_THUMBNAIL = "thumbnail"
+STATUS_OK = "ok"
+STATUS_UNRENDERABLE = "unrenderable"
+REASON_MAX = 200  # width of instance.preview_reason
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+DEFAULT_FORMAT = "jpeg"
+DEFAULT_QUALITY = 90
+# what a worker process costs before it renders anything (interpreter, numpy, pydicom, decoders)
+WORKER_BASELINE_MB = 320
+# a decoded frame is held a few times over while it is windowed and scaled (as float64 + output)
+WORKING_COPIES = 10
+
+
+# -- errors ------------------------------------------------------------------------------------
+class PreviewError(Exception):
+    """Base of what the preview functions raise; the message is plain words without PHI."""
+
+
+class NotFound(PreviewError, LookupError):
+    """No such instance, series or frame."""
+
+
+class Quarantined(PreviewError, PermissionError):
+    """The instance is held back until an operator reviews it: it is not rendered."""
+
+
+class Unrenderable(PreviewError, ValueError):
+    """The instance cannot be rendered; ``reason`` says why (stored in ``preview_reason``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason[:REASON_MAX]
+
+
+class Busy(PreviewError, RuntimeError):
+    """No render worker became free in time, or the object could not be read: try again."""
+
+
+class JobFailed(Exception):
+    """A job sent to the pool did not return a value. ``kind``: 'timeout' (the worker was killed),
+    'memory' (beyond its memory limit), 'crashed' (the worker died), 'unrenderable' (the renderer
+    refused the object) or 'error' (any other exception, named by type only)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+# -- the worker processes ----------------------------------------------------------------------
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(conn: Any, memory_mb: int) -> None:
+    """A render worker: limit itself, warm up, then run jobs ``(fn, args)`` until told to stop."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"  # per-thread BLAS buffers would eat the address-space budget
+    if memory_mb > 0:
+        limit = memory_mb * MiB
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:  # import the renderer and its decoders now, not during the first job's time limit
+        import pydicom.pixels  # noqa: F401
+
+        import imaging.render  # noqa: F401
+    except Exception:
+        pass  # a job will report it
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        fn, args = job
+        try:
+            reply: tuple[str, Any] = ("ok", fn(*args))
+        except MemoryError:
+            reply = ("memory", f"rendering needs more than the {memory_mb} MiB memory limit")
+        except Unrenderable as e:
+            reply = ("unrenderable", e.reason)
+        except Exception as e:
+            reply = (
+                ("unrenderable", str(e)[:REASON_MAX])
+                if _is_render_error(e)
+                else ("error", f"rendering failed ({type(e).__name__})")
+            )
+        try:
+            conn.send(reply)
+        except MemoryError:
+            conn.send(("memory", f"the result exceeds the {memory_mb} MiB memory limit"))
+        if reply[0] == "memory":
+            return  # a process that hit its limit may be in a bad state: the parent starts a new one
+
+
+def _is_render_error(e: Exception) -> bool:
+    try:
+        from imaging.render import RenderError
+    except Exception:
+        return False
+    return isinstance(e, RenderError)
+
+
+class _Worker:
+    def __init__(self, ctx: Any, memory_mb: int, number: int) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child, memory_mb), name=f"imx-render-{number}", daemon=True
+        )
+        self.proc.start()
+        child.close()
+        self.ready = False
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self.conn.poll(timeout):
+            raise RuntimeError("a render worker did not start in time")
+        kind, _pid = self.conn.recv()
+        if kind != "ready":
+            raise RuntimeError("a render worker failed to start")
+        self.ready = True
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+    def stop(self, grace: float) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.proc.join(grace)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+
+
+class RenderPool:
+    """``workers`` render processes, each limited to ``memory_mb`` MiB of address space (0: no
+    limit); a job that takes longer than ``timeout`` seconds gets its worker killed and replaced.
+    Thread-safe: HTTP threads and the background queue share it."""
+
+    def __init__(
+        self,
+        workers: int = 1,
+        memory_mb: int = 1024,
+        timeout: float = 20.0,
+        *,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.size = max(1, workers)
+        self.memory_mb = memory_mb
+        self.timeout = timeout
+        self.start_timeout = start_timeout
+        self.replaced = 0  # workers killed or lost and started again
+        self._ctx = mp.get_context("spawn")
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._all: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count = 0
+        # Workers ask the kernel to kill them when their parent dies (PR_SET_PDEATHSIG), and the
+        # kernel means the parent *thread*: so every worker is started by this one long-lived
+        # thread, never by an HTTP thread that may end while the worker still serves others.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="imx-render-spawner"
+        )
+
+    def _spawn(self) -> _Worker:
+        with self._lock:
+            self._count += 1
+            number = self._count
+        w = _Worker(self._ctx, self.memory_mb, number)
+        try:
+            w.wait_ready(self.start_timeout)
+        except BaseException:
+            w.kill()
+            raise
+        with self._lock:
+            self._all.append(w)
+        return w
+
+    def _new(self) -> _Worker:
+        return self._spawner.submit(self._spawn).result()
+
+    def start(self) -> RenderPool:
+        for _ in range(self.size):
+            self._idle.put(self._new())
+        return self
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.proc.pid for w in self._all if w.alive and w.proc.pid]
+
+    def _replace(self, w: _Worker) -> _Worker:
+        w.kill()
+        with self._lock:
+            if w in self._all:
+                self._all.remove(w)
+            self.replaced += 1
+        return self._new()
+
+    def call(
+        self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, wait: float = 30.0
+    ) -> Any:
+        """Run ``fn(*args)`` in a worker and return its value. ``fn`` and its arguments must be
+        picklable (module-level functions). Raises JobFailed, or Busy when no worker is free
+        within ``wait`` seconds."""
+        if self._closed:
+            raise Busy("the render workers are stopped")
+        try:
+            w = self._idle.get(timeout=wait)
+        except queue.Empty:
+            raise Busy("all render workers are busy; try again") from None
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return self._run(w, fn, args, limit)
+        except RuntimeError as e:  # a replacement worker failed to start
+            event(log, "render worker cannot start", logging.ERROR, error=str(e))
+            raise Busy("a render worker could not be started; try again") from None
+
+    def _run(self, w: _Worker, fn: Callable[..., Any], args: tuple[Any, ...], limit: float) -> Any:
+        try:
+            if not w.alive:
+                w = self._replace(w)
+            try:
+                w.conn.send((fn, args))
+            except (OSError, ValueError):
+                w = self._replace(w)
+                w.conn.send((fn, args))
+            if not w.conn.poll(limit):
+                event(
+                    log,
+                    "render worker overran its time limit: killed and replaced",
+                    logging.WARNING,
+                    pid=w.proc.pid,
+                    seconds=limit,
+                )
+                w = self._replace(w)
+                raise JobFailed("timeout", f"rendering took longer than the {limit:g} s time limit")
+            try:
+                kind, value = w.conn.recv()
+            except (EOFError, OSError):
+                w.proc.join(5)
+                code = w.proc.exitcode
+                how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                event(
+                    log, "render worker died: replaced", logging.WARNING, pid=w.proc.pid, exit=how
+                )
+                w = self._replace(w)
+                if code == -signal.SIGKILL:
+                    # the kernel's OOM killer, or an allocation the limit let through and then failed
+                    raise JobFailed(
+                        "memory", f"the renderer was killed ({how}), most likely for its memory use"
+                    ) from None
+                raise JobFailed("crashed", f"the renderer process died ({how})") from None
+            if kind == "ok":
+                return value
+            if kind == "memory":
+                event(
+                    log,
+                    "render worker hit its memory limit: replaced",
+                    logging.WARNING,
+                    pid=w.proc.pid,
+                    limit_mb=self.memory_mb,
+                )
+                w = self._replace(w)
+            raise JobFailed(kind, str(value))
+        finally:
+            if self._closed:
+                w.stop(1.0)
+            else:
+                self._idle.put(w)
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every worker: those idle at once, a busy one when its job ends or is killed."""
+        self._closed = True
+        with self._lock:
+            workers = list(self._all)
+        for w in workers:
+            w.stop(grace)
+        self._spawner.shutdown(wait=False)
+
+
+# -- the job run in a worker -------------------------------------------------------------------
+Spec = tuple[
+    int, tuple[float, float] | None, tuple[int, int] | None, str, int
+]  # frame, window, size, fmt, quality
+
+
+def check_pixels(ds: Any, budget_bytes: int) -> None:
+    """Refuse, before anything is decoded, a frame whose declared size (Rows x Columns x Samples
+    per Pixel, PS3.3 C.7.6.3) needs more memory to render than a worker may use. The renderer
+    itself checks the pixel data against the header (PS3.5 8.1.1, Annex G)."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise Unrenderable("the instance has no pixel data (it is not an image)")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise Unrenderable("Rows, Columns or Samples per Pixel is missing or invalid") from None
+    working = max(0, rows) * max(0, cols) * max(1, spp) * WORKING_COPIES
+    if working > budget_bytes:
+        raise Unrenderable(
+            f"the image declares {rows} x {cols} pixels x {spp} samples per frame: rendering it needs about "
+            f"{working // MiB} MiB, more than the {budget_bytes // MiB} MiB a render worker may use"
+        )
+
+
+def render_job(source: bytes | str, specs: list[Spec], budget_bytes: int) -> list[bytes]:
+    """Parse one object (its bytes, or the path of its file) and render each spec from it (runs
+    in a worker process)."""
+    from pydicom import config, dcmread
+
+    from imaging.render import Window, render
+
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        ds = dcmread(source if isinstance(source, str) else io.BytesIO(source))
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise Unrenderable(f"the object cannot be read ({type(e).__name__})") from None
+    check_pixels(ds, budget_bytes)
+    out = []
+    for frame, window, size, fmt, quality in specs:
+        win = Window(float(window[0]), float(window[1])) if window else None
+        out.append(render(ds, frame, window=win, size=size, fmt=fmt, quality=quality))
+    return out
+
+
+# -- the service -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """An instance as the preview functions need it (from the index)."""
+
+    id: int
+    sop_uid: str
+    series_id: int
+    sha256: str
+    frames: int
+    quarantine: str | None
+    preview_status: str | None
+    preview_reason: str | None
+    object_key: str
+    location: str
+
+
+# Part of every ETag: bump it when the rendering changes, so that caches holding the old bytes
+# under a strong validator do not keep them.
+RENDER_VERSION = 1
+
+
+def _etag(*parts: object) -> str:
+    h = hashlib.sha256("\x1f".join(str(p) for p in (RENDER_VERSION, *parts)).encode()).hexdigest()
+    return f'"{h[:40]}"'
+
+
+class Previews:
+    """Thumbnails and previews of one archive: background rendering of the queue and on-demand
+    rendering for HTTP. ``pool`` is shared by both."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        pool: RenderPool,
+        *,
+        preview_size: int = 512,
+        thumbnail_size: int = 128,
+        fmt: str = DEFAULT_FORMAT,
+        quality: int = DEFAULT_QUALITY,
+    ) -> None:
+        # weakly: a Previews kept for an archive (for_archive) must not keep the archive alive
+        self._archive = weakref.ref(archive)
+        self.pool = pool
+        self.preview_size = preview_size
+        self.thumbnail_size = thumbnail_size
+        self.fmt = fmt
+        self.quality = quality
+        self.budget = (
+            max(64, pool.memory_mb - WORKER_BASELINE_MB) * MiB if pool.memory_mb > 0 else 1 << 40
+        )
+
+    @property
+    def archive(self) -> Archive:
+        archive = self._archive()
+        if archive is None:
+            raise Busy("the archive these previews belong to is closed")
+        return archive
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _target(self, sop_uid: str) -> Target:
+        row = self.archive.index.preview_target(sop_uid)
+        if row is None:
+            raise NotFound("no instance has this UID")
+        return Target(**row)
+
+    def _visible(self, sop_uid: str) -> Target:
+        t = self._target(sop_uid)
+        if t.quarantine is not None:
+            raise Quarantined(
+                "this instance is held back (quarantined) until an operator reviews it; it is not rendered"
+            )
+        return t
+
+    def _source(self, t: Target) -> bytes | str:
+        """The object for a worker: the file's path in a filesystem store (the worker reads it;
+        nothing crosses the pipe), otherwise its bytes."""
+        from storage.index import LOCATION_SPOOL
+        from storage.objects import FileSystemStore, check_key
+
+        store = self.archive.store
+        try:
+            if t.location == LOCATION_SPOOL:
+                payload = self.archive.spool.payload(t.object_key)
+                if payload is None:  # drained meanwhile
+                    return store.get(t.object_key)
+                return payload.path.read_bytes()  # type: ignore[union-attr]
+            if isinstance(store, FileSystemStore):
+                path = store.root / check_key(t.object_key)
+                if not path.is_file():
+                    raise KeyError(t.object_key)
+                return str(path)
+            return store.get(t.object_key)
+        except KeyError:
+            raise Unrenderable("the stored object is missing (see imx check)") from None
+        except OSError as e:
+            raise Busy(
+                f"the object cannot be read now ({e.strerror or type(e).__name__}); try again"
+            ) from None
+        except Exception as e:
+            raise Busy(
+                f"the object cannot be read from the store now ({type(e).__name__}); try again"
+            ) from None
+
+    def _render(self, t: Target, specs: list[Spec]) -> list[bytes]:
+        data = self._source(t)
+        try:
+            return self.pool.call(render_job, data, specs, self.budget)
+        except JobFailed as e:
+            raise Unrenderable(e.reason) from None
+
+    def _keep(self, t: Target, kind: str, frame: int, body: bytes, fmt: str) -> tuple[str, str]:
+        """Store a rendition under a generated key and record it (a preview of frame 1 also marks
+        the instance 'ok', in the same transaction); (key, media type) of the one the index holds
+        (another thread's, if it won the race: ours is then removed)."""
+        from storage.objects import Payload, make_key
+
+        key = make_key("r", secrets.token_hex(16), SUFFIX[fmt])
+        media = MEDIA_TYPES[fmt]
+        self._put(key, Payload(data=body))
+        if kind == KIND_PREVIEW and frame == 1:
+            kept = self.archive.index.record_preview(t.id, frame, key, media, len(body))
+        else:
+            kept = self.archive.index.add_rendition(t.id, kind, frame, key, media, len(body))
+        if kept[0] != key:
+            self._delete(key)
+        return kept
+
+    def _put(self, key: str, payload: Any) -> None:
+        from storage.objects import StoreError
+
+        try:
+            self.archive.store.put(key, payload)
+        except StoreError as e:
+            raise Busy(
+                f"the object store cannot keep the rendition now ({type(e).__name__}); try again"
+            ) from None
+
+    def _delete(self, key: str) -> None:
+        from storage.objects import StoreError
+
+        try:
+            self.archive.store.delete(key)
+        except StoreError as e:  # an orphan is harmless: imx check lists it
+            event(log, "rendition not deleted", logging.WARNING, key=key, error=type(e).__name__)
+
+    def _fetch(self, key: str) -> bytes | None:
+        try:
+            return self.archive.store.get(key)
+        except KeyError:
+            return None
+        except Exception as e:
+            raise Busy(
+                f"the rendition cannot be read from the store now ({type(e).__name__}); try again"
+            ) from None
+
+    # -- background: the queue ----------------------------------------------------------------
+    def run_pending(self, limit: int = 50, stop: threading.Event | None = None) -> int:
+        """Render previews (and series thumbnails) for up to ``limit`` instances waiting in the
+        queue; returns how many were settled ('ok' or 'unrenderable'). Returns early once
+        ``stop`` is set."""
+        done = 0
+        series: set[int] = set()
+        for row in self.archive.index.pending_previews(limit):
+            if stop is not None and stop.is_set():
+                return done
+            t = Target(**row)
+            series.add(t.series_id)
+            try:
+                self._make_preview(t, 1)
+            except Unrenderable as e:
+                self.archive.index.set_preview_status(t.id, STATUS_UNRENDERABLE, e.reason)
+                event(log, "instance unrenderable", logging.WARNING, instance=t.id, reason=e.reason)
+            except (Busy, NotFound) as e:
+                event(log, "preview postponed", logging.INFO, instance=t.id, reason=str(e))
+                continue
+            except Exception as e:  # the store failed: try again later
+                event(
+                    log, "preview postponed", logging.WARNING, instance=t.id, error=type(e).__name__
+                )
+                continue
+            done += 1
+        for series_id in series:
+            try:
+                self._settle_thumbnail(series_id)
+            except PreviewError as e:
+                event(
+                    log, "series thumbnail not made", logging.INFO, series=series_id, reason=str(e)
+                )
+            except Exception as e:
+                event(
+                    log,
+                    "series thumbnail not made",
+                    logging.WARNING,
+                    series=series_id,
+                    error=type(e).__name__,
+                )
+        return done
+
+    def _make_preview(self, t: Target, frame: int) -> tuple[bytes, str, str]:
+        size = (self.preview_size, self.preview_size)
+        (body,) = self._render(t, [(frame, None, size, self.fmt, self.quality)])
+        key, media = self._keep(t, KIND_PREVIEW, frame, body, self.fmt)
+        return body, media, key
+
+    def _settle_thumbnail(
+        self, series_id: int, *, force: bool = False
+    ) -> tuple[bytes, str, str] | None:
+        """Make the series thumbnail from its representative instance (the middle one; the middle
+        frame if the series is one multi-frame instance) once no instance of the series waits in
+        the queue, or at once with ``force``. A series that grew gets a new one."""
+        plan = self.archive.index.thumbnail_plan(series_id)
+        if plan is None or (plan["pending"] and not force):
+            return None
+        current = plan["current"]  # (instance id, frame, key, media) or None
+        rep = plan["representative"]
+        if rep is None:
+            return None
+        t = Target(**rep["target"])
+        frame = rep["frame"]
+        if current is not None and current[0] == t.id and current[1] == frame:
+            return None
+        size = (self.thumbnail_size, self.thumbnail_size)
+        (body,) = self._render(t, [(frame, None, size, self.fmt, self.quality)])
+        from storage.objects import Payload, make_key
+
+        key = make_key("r", secrets.token_hex(16), SUFFIX[self.fmt])
+        self._put(key, Payload(data=body))
+        old = self.archive.index.replace_thumbnail(
+            series_id, t.id, frame, key, MEDIA_TYPES[self.fmt], len(body)
+        )
+        for k in old:
+            self._delete(k)
+        return body, MEDIA_TYPES[self.fmt], key
+
+    # -- on demand: HTTP and WADO-RS ------------------------------------------------------------
+    def preview_etag(self, sop_uid: str, frame: int) -> tuple[Target, str | None]:
+        """The instance and the ETag of its kept preview of ``frame`` (None if not made yet)."""
+        t = self._visible(sop_uid)
+        if frame < 1 or frame > t.frames:
+            raise NotFound(f"frame {frame} does not exist: the instance has {t.frames}")
+        found = self.archive.index.rendition(t.id, KIND_PREVIEW, frame)
+        return t, (_etag(t.sha256, KIND_PREVIEW, found[0]) if found else None)
+
+    def preview(
+        self, sop_uid: str, frame: int = 1, *, target: Target | None = None
+    ) -> tuple[bytes, str, str]:
+        """The kept preview of ``frame`` (fitted into preview_size, the default format), rendered
+        and kept first if missing. (body, media type, ETag). ``target``: the instance as
+        ``preview_etag`` returned it (saves looking it up again)."""
+        t = target if target is not None else self.preview_etag(sop_uid, frame)[0]
+        if t.preview_status == STATUS_UNRENDERABLE:
+            raise Unrenderable(t.preview_reason or "the instance cannot be rendered")
+        found = self.archive.index.rendition(t.id, KIND_PREVIEW, frame)
+        if found is not None:
+            body = self._fetch(found[0])
+            if body is not None:
+                return body, found[1], _etag(t.sha256, KIND_PREVIEW, found[0])
+            self.archive.index.drop_rendition(found[0])  # lost from the store: render again
+        try:
+            body, media, key = self._make_preview(t, frame)
+        except Unrenderable as e:
+            if frame == 1:
+                self.archive.index.set_preview_status(t.id, STATUS_UNRENDERABLE, e.reason)
+            raise
+        return body, media, _etag(t.sha256, KIND_PREVIEW, key)
+
+    def rendered_etag(
+        self,
+        sop_uid: str,
+        frame: int | None,
+        *,
+        window: Any,
+        size: tuple[int, int] | None,
+        fmt: str,
+        quality: int,
+    ) -> tuple[Target, str]:
+        """The instance and the ETag of a rendering with these parameters (a hash of the
+        instance's content and the parameters: the pixels of an instance never change)."""
+        t = self._visible(sop_uid)
+        n = frame or 1
+        if n < 1 or n > t.frames:
+            raise NotFound(f"frame {n} does not exist: the instance has {t.frames}")
+        if fmt not in MEDIA_TYPES:
+            raise ValueError(f"format must be one of {', '.join(MEDIA_TYPES)}")
+        w = (float(window.center), float(window.width)) if window is not None else None
+        return t, _etag(t.sha256, "rendered", n, w, size, fmt, quality if fmt != "png" else 0)
+
+    def rendered(
+        self,
+        sop_uid: str,
+        frame: int | None,
+        *,
+        window: Any,
+        size: tuple[int, int] | None,
+        fmt: str,
+        quality: int,
+        target: tuple[Target, str] | None = None,
+    ) -> tuple[bytes, str, str]:
+        """Render ``frame`` (1 if None) with the given parameters now (PS3.18 10.4.1.1.3 rendered
+        media types). ``size`` None: the image's own size. ``target``: what ``rendered_etag``
+        returned for the same arguments (saves looking the instance up again)."""
+        t, tag = target or self.rendered_etag(
+            sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality
+        )
+        if t.preview_status == STATUS_UNRENDERABLE:
+            raise Unrenderable(t.preview_reason or "the instance cannot be rendered")
+        w = (float(window.center), float(window.width)) if window is not None else None
+        (body,) = self._render(t, [(frame or 1, w, size, fmt, quality)])
+        return body, MEDIA_TYPES[fmt], tag
+
+    def thumbnail_etag(self, series_uid: str) -> str | None:
+        sid = self.archive.index.series_id(series_uid)
+        if sid is None:
+            raise NotFound("no series has this UID")
+        cur = self.archive.index.series_thumbnail(sid)
+        return _etag("thumbnail", cur[2]) if cur else None
+
+    def series_thumbnail(self, series_uid: str) -> tuple[bytes, str, str]:
+        """The series thumbnail, made now from the instances received so far if there is none."""
+        sid = self.archive.index.series_id(series_uid)
+        if sid is None:
+            raise NotFound("no series has this UID")
+        for _ in range(2):
+            cur = self.archive.index.series_thumbnail(sid)
+            if cur is not None:
+                body = self._fetch(cur[2])
+                if body is not None:
+                    return body, cur[3], _etag("thumbnail", cur[2])
+                self.archive.index.drop_rendition(cur[2])
+            made = self._settle_thumbnail(sid, force=True)
+            if made is not None:
+                return made[0], made[1], _etag("thumbnail", made[2])
+        plan = self.archive.index.thumbnail_plan(sid)
+        if plan is None or plan["representative"] is None:
+            raise NotFound(
+                "the series has no instance that can be shown (all are quarantined or unrenderable)"
+            )
+        raise Busy("the series thumbnail is being replaced; try again")
+
+
+# -- one Previews per archive, for the HTTP app and for WADO-RS ----------------------------------
+_services: weakref.WeakKeyDictionary[Any, Previews] = weakref.WeakKeyDictionary()
+_services_lock = threading.Lock()
+_finalizers: dict[int, weakref.finalize] = {}
+
+
+def attach(archive: Archive, previews: Previews) -> None:
+    """Make ``previews`` the one the HTTP routes and ``rendered()`` use for ``archive``."""
+    with _services_lock:
+        _services[archive] = previews
+
+
+def detach(archive: Archive) -> None:
+    """Forget the Previews of ``archive``; one that ``for_archive`` started has its workers
+    stopped (one attached by the caller is the caller's to close)."""
+    with _services_lock:
+        p = _services.pop(archive, None)
+        finalizer = _finalizers.pop(id(archive), None)
+    if p is not None and finalizer is not None:
+        finalizer()
+
+
+def for_archive(archive: Archive) -> Previews:
+    """The Previews attached to ``archive`` (by ``imx serve``); otherwise one is started from the
+    archive's settings, whose workers stop when the archive is collected, on ``detach``, or at
+    exit."""
+    with _services_lock:
+        p = _services.get(archive)
+        if p is None:
+            p = start(archive)
+            _services[archive] = p
+            # the workers stop when the archive is collected, or at exit
+            _finalizers[id(archive)] = weakref.finalize(archive, _stop_pool, p.pool, id(archive))
+        return p
+
+
+def _stop_pool(pool: RenderPool, key: int) -> None:
+    _finalizers.pop(key, None)
+    pool.close(1.0)
+
+
+def start(archive: Archive) -> Previews:
+    s = archive.settings
+    pool = RenderPool(
+        getattr(s, "preview_workers", 1),
+        getattr(s, "preview_memory_mb", 1024),
+        getattr(s, "preview_timeout", 20.0),
+    ).start()
+    return Previews(
+        archive,
+        pool,
+        preview_size=getattr(s, "preview_size", 512),
+        thumbnail_size=getattr(s, "thumbnail_size", 128),
+    )
+
+
+def rendered(
+    archive: Archive,
+    sop_uid: str,
+    frame: int | None,
+    *,
+    window: Any | None,
+    size: tuple[int, int] | None,
+    fmt: str,
+    quality: int,
+) -> tuple[bytes, str, str]:
+    """Render one frame of an instance now, in a worker with limits: (body, media type, ETag).
+    For WADO-RS ``/rendered`` (PS3.18 10.4). Raises NotFound, Quarantined, Unrenderable, Busy,
+    or ValueError for a format not in MEDIA_TYPES."""
+    return for_archive(archive).rendered(
+        sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality
+    )
+
+
+def series_thumbnail(archive: Archive, series_uid: str) -> tuple[bytes, str, str]:
+    """The series thumbnail (PS3.18 10.7 ``/thumbnail``): (body, media type, ETag). Raises
+    NotFound or Busy."""
+    return for_archive(archive).series_thumbnail(series_uid)
+
+
+def preview(archive: Archive, sop_uid: str, frame: int = 1) -> tuple[bytes, str, str]:
+    """The kept preview of a frame (rendered and kept if missing): (body, media type, ETag)."""
+    return for_archive(archive).preview(sop_uid, frame)
+
+
+def run_queue(previews: Previews, stopping: threading.Event, idle_seconds: float = 1.0) -> None:
+    """The background loop run by the supervisor: render the queue until ``stopping`` is set."""
+    while not stopping.is_set():
+        done = 0
+        try:
+            done = previews.run_pending(stop=stopping)
+        except Exception as e:
+            event(log, "preview queue failed", logging.ERROR, error=type(e).__name__)
+        if not done:
+            stopping.wait(idle_seconds)

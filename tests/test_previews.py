@@ -1,0 +1,641 @@
+"""Previews (imx/previews.py, viewer/previews.py): thumbnails and previews rendered after the ack by
+render workers with memory and time limits, kept in the object store, served over HTTP.
+
+Instances go in with dcmtk's storescu to a real ``imx serve``; images come out over real HTTP."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import resource
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicomfiles import expected_uid, make_ct_series, storescu
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from services import ImxServer, echoscu
+from sqlalchemy import select
+
+from imx.previews import JobFailed, RenderPool
+from storage.index import Index, Instance, Rendition, Series
+
+DEMO_AE = "DEMOPACS"
+STRICT_AE = "STRICTPACS"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+    def image(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.body))
+
+
+def http(server: ImxServer, path: str, headers: dict[str, str] | None = None) -> Reply:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}{path}", headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+def renamed(src: Path, dest: Path, **attrs: object) -> Path:
+    """A copy of ``src`` with new UIDs (never a duplicate of another test's) and ``attrs`` set."""
+    ds = dcmread(src)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        generate_uid(),
+        generate_uid(),
+        generate_uid(),
+    )
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+@dataclass
+class Sent:
+    ct: list[str]  # the node's UIDs of a five-instance CT series
+    ct_series: str
+    multiframe: str  # two-frame RGB, RLE
+    too_short: str  # Rows x Columns far beyond its pixel data
+    rle_bomb: str  # an RLE frame claiming 8000 x 8000 pixels
+    good_after: str  # sent after the two bad ones
+    report: str  # a structured report: no pixels
+    quarantined: str
+    refused_original: str  # the original SOP Instance UID of an instance the node refused
+    strict_partner_id: int
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ImxServer, Sent]]:
+    base = tmp_path_factory.mktemp("previews")
+    server = ImxServer(
+        base / "data",
+        env={"IMX_PREVIEW_WORKERS": "1", "IMX_THUMBNAIL_SIZE": "64", "IMX_PREVIEW_TIMEOUT": "30"},
+        workers=1,
+    )
+    server.start()
+    try:
+        data = server.data_dir
+        uid = lambda original: expected_uid(data, 1, original)  # noqa: E731 (DEMO is partner 1)
+
+        ct_paths = make_ct_series(base / "ct", 5)
+        assert storescu(server.dicom_port, ct_paths).returncode == 0
+        ct = [uid(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)) for p in ct_paths]
+
+        multi = renamed(
+            Path(get_testdata_file("SC_rgb_rle_2frame.dcm")),
+            base / "multi.dcm",
+            BurnedInAnnotation="NO",
+        )
+        ct_small = Path(get_testdata_file("CT_small.dcm"))
+        short = renamed(ct_small, base / "short.dcm", Rows=4096, Columns=4096)
+        bomb = renamed(
+            Path(get_testdata_file("MR_small_RLE.dcm")), base / "bomb.dcm", Rows=8000, Columns=8000
+        )
+        r = storescu(server.dicom_port, [multi, short, bomb], extra=["-xr"])
+        assert r.returncode == 0, r.stderr
+        report = renamed(Path(get_testdata_file("test-SR.dcm")), base / "sr.dcm")
+        good = renamed(ct_small, base / "good.dcm")
+        assert storescu(server.dicom_port, [report, good]).returncode == 0
+
+        held = renamed(
+            Path(get_testdata_file("SC_rgb_small_odd.dcm")),
+            base / "held.dcm",
+            BurnedInAnnotation="YES",
+        )
+        assert storescu(server.dicom_port, [held]).returncode == 0
+
+        # a partner whose policy refuses burned-in objects: the node refuses the instance
+        assert server.imx("partner", "add", "STRICT", "--ae", STRICT_AE).returncode == 0
+        policy = base / "strict.toml"
+        policy.write_text('options = []\nburned_in = "reject"\n')
+        set_policy = server.imx("partner", "policy", "STRICT", "--set", str(policy))
+        assert set_policy.returncode == 0, set_policy.stderr
+        refused = renamed(ct_small, base / "refused.dcm", BurnedInAnnotation="YES")
+        storescu(server.dicom_port, [refused], aet=STRICT_AE)
+        index = Index(f"sqlite:///{data / 'index.sqlite3'}")
+        strict_id = index.partner_by_name("STRICT").id  # type: ignore[union-attr]
+        with index.read() as s:
+            ct_series = s.scalar(
+                select(Series.series_uid)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Instance.sop_uid == ct[0])
+            )
+        index.close()
+
+        sent = Sent(
+            ct=ct,
+            ct_series=str(ct_series),
+            multiframe=uid(str(dcmread(multi, stop_before_pixels=True).SOPInstanceUID)),
+            too_short=uid(str(dcmread(short, stop_before_pixels=True).SOPInstanceUID)),
+            rle_bomb=uid(str(dcmread(bomb, stop_before_pixels=True).SOPInstanceUID)),
+            good_after=uid(str(dcmread(good, stop_before_pixels=True).SOPInstanceUID)),
+            report=uid(str(dcmread(report, stop_before_pixels=True).SOPInstanceUID)),
+            quarantined=uid(str(dcmread(held, stop_before_pixels=True).SOPInstanceUID)),
+            refused_original=str(dcmread(refused, stop_before_pixels=True).SOPInstanceUID),
+            strict_partner_id=strict_id,
+        )
+        yield server, sent
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def index(served: tuple[ImxServer, Sent]) -> Iterator[Index]:
+    server, _ = served
+    ix = Index(f"sqlite:///{server.data_dir / 'index.sqlite3'}")
+    yield ix
+    ix.close()
+
+
+def status_of(index: Index, sop_uid: str) -> tuple[str | None, str | None]:
+    with index.read() as s:
+        row = s.execute(
+            select(Instance.preview_status, Instance.preview_reason).where(
+                Instance.sop_uid == sop_uid
+            )
+        ).first()
+    assert row is not None, "the instance is not in the index"
+    return row[0], row[1]
+
+
+def wait_settled(index: Index, sop_uids: list[str], timeout: float = 90.0) -> None:
+    """Poll until the background workers have settled every one (bounded wait, not a timing test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(status_of(index, u)[0] is not None for u in sop_uids):
+            return
+        time.sleep(0.2)
+    raise AssertionError(
+        f"not rendered after {timeout} s: {[status_of(index, u) for u in sop_uids]}"
+    )
+
+
+def renditions(index: Index, sop_uid: str) -> list[tuple[str, int, str, str]]:
+    with index.read() as s:
+        return [
+            tuple(r)  # type: ignore[misc]
+            for r in s.execute(
+                select(Rendition.kind, Rendition.frame, Rendition.object_key, Rendition.media_type)
+                .join(Instance, Rendition.instance_id == Instance.id)
+                .where(Instance.sop_uid == sop_uid)
+            )
+        ]
+
+
+# -- background rendering --------------------------------------------------------------------------
+@pytest.mark.peer
+@pytest.mark.slow
+def test_previews_and_the_series_thumbnail_are_made_in_the_background_and_kept(
+    served, index: Index
+) -> None:
+    server, sent = served
+    wait_settled(index, sent.ct)
+    assert all(status_of(index, u) == ("ok", None) for u in sent.ct)
+    objects = server.data_dir / "objects"
+    for u in sent.ct:
+        kinds = renditions(index, u)
+        preview = [r for r in kinds if r[0] == "preview"]
+        assert [(k, f, mt) for k, f, _, mt in preview] == [("preview", 1, "image/jpeg")]
+        key = preview[0][2]
+        assert key.startswith("r/") and u not in key  # a generated key, never the UID
+        assert Image.open(objects / key).format == "JPEG"
+    # the thumbnail settles on the middle instance (instance number 3 of 5) once the series is done
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        r[0] == "thumbnail" for r in renditions(index, sent.ct[2])
+    ):
+        time.sleep(0.2)
+    thumbs = [r for u in sent.ct for r in renditions(index, u) if r[0] == "thumbnail"]
+    assert [r[:2] for r in thumbs] == [("thumbnail", 1)]
+    assert any(r[0] == "thumbnail" for r in renditions(index, sent.ct[2]))
+    assert Image.open(objects / thumbs[0][2]).size == (64, 64)  # IMX_THUMBNAIL_SIZE
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_default_answers_come_from_the_kept_renditions_with_etag_and_immutable_caching(
+    served, index: Index
+) -> None:
+    server, sent = served
+    wait_settled(index, sent.ct)
+    r = http(server, f"/api/instances/{sent.ct[0]}/rendered")
+    assert r.status == 200 and r.headers["content-type"] == "image/jpeg"
+    key = next(k for kind, _, k, _ in renditions(index, sent.ct[0]) if kind == "preview")
+    assert r.body == (server.data_dir / "objects" / key).read_bytes()
+    assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+    etag = r.headers["etag"]
+    assert etag.startswith('"') and not etag.startswith("W/")
+    again = http(server, f"/api/instances/{sent.ct[0]}/rendered", {"If-None-Match": etag})
+    assert again.status == 304 and again.body == b"" and again.headers["etag"] == etag
+    assert (
+        http(server, f"/api/instances/{sent.ct[0]}/rendered", {"If-None-Match": '"other"'}).status
+        == 200
+    )
+    assert r.image().size == (128, 128)  # CT_small: already inside the 512 px preview box
+
+    t = http(server, f"/api/series/{sent.ct_series}/thumbnail")
+    assert (
+        t.status == 200 and t.headers["content-type"] == "image/jpeg" and t.image().size == (64, 64)
+    )
+    assert "etag" in t.headers and "cache-control" in t.headers
+    assert (
+        http(
+            server, f"/api/series/{sent.ct_series}/thumbnail", {"If-None-Match": t.headers["etag"]}
+        ).status
+        == 304
+    )
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_formats_by_parameter_and_accept_header(served) -> None:
+    server, sent = served
+    u = sent.ct[1]
+    magic = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
+    tags = set()
+    for fmt, media in (("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")):
+        r = http(server, f"/api/instances/{u}/rendered?format={fmt}")
+        assert (
+            r.status == 200 and r.headers["content-type"] == media and r.body.startswith(magic[fmt])
+        )
+        assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+        tags.add(r.headers["etag"])
+        assert (
+            http(
+                server,
+                f"/api/instances/{u}/rendered?format={fmt}",
+                {"If-None-Match": r.headers["etag"]},
+            ).status
+            == 304
+        )
+    assert len(tags) == 3
+    png = http(server, f"/api/instances/{u}/rendered", {"Accept": "image/png"})
+    assert png.headers["content-type"] == "image/png"
+    webp = http(server, f"/api/instances/{u}/rendered", {"Accept": "image/webp, image/png;q=0.5"})
+    assert webp.headers["content-type"] == "image/webp"
+    browser = http(
+        server, f"/api/instances/{u}/rendered", {"Accept": "image/avif,image/webp,*/*;q=0.8"}
+    )
+    assert browser.headers["content-type"] == "image/webp"
+    anything = http(server, f"/api/instances/{u}/rendered", {"Accept": "image/*"})
+    assert anything.headers["content-type"] == "image/jpeg"
+    refused = http(server, f"/api/instances/{u}/rendered", {"Accept": "application/json"})
+    assert refused.status == 406 and refused.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_a_window_changes_the_pixels_and_a_viewport_the_size(served) -> None:
+    server, sent = served
+    u = sent.ct[1]
+    soft = np.asarray(http(server, f"/api/instances/{u}/rendered?format=png&window=40,400").image())
+    bone = np.asarray(
+        http(server, f"/api/instances/{u}/rendered?format=png&window=600,2800").image()
+    )
+    narrow = np.asarray(
+        http(server, f"/api/instances/{u}/rendered?format=png&window=40,10").image()
+    )
+    assert soft.shape == bone.shape == (128, 128)
+    assert not np.array_equal(soft, bone) and not np.array_equal(soft, narrow)
+    assert (
+        set(np.unique(narrow)) <= set(range(256)) and (narrow == 255).mean() > (soft == 255).mean()
+    )
+    small = http(server, f"/api/instances/{u}/rendered?size=32x32&format=png")
+    assert small.image().size == (32, 32)
+    assert http(server, f"/api/instances/{u}/rendered?viewport=48,48").image().size == (48, 48)
+    a = http(server, f"/api/instances/{u}/rendered?window=40,400").headers["etag"]
+    b = http(server, f"/api/instances/{u}/rendered?window=600,2800").headers["etag"]
+    assert a != b
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_frame_n_of_a_multiframe_instance(served, index: Index) -> None:
+    server, sent = served
+    wait_settled(index, [sent.multiframe])
+    assert status_of(index, sent.multiframe) == ("ok", None)
+    one = http(server, f"/api/instances/{sent.multiframe}/frames/1/rendered?format=png")
+    two = http(server, f"/api/instances/{sent.multiframe}/frames/2/rendered?format=png")
+    assert one.status == two.status == 200
+    assert one.image().size == two.image().size == (100, 100)
+    assert not np.array_equal(np.asarray(one.image()), np.asarray(two.image()))
+    assert one.headers["etag"] != two.headers["etag"]
+    # the default of frame 2 is rendered on first request, then kept
+    assert not [r for r in renditions(index, sent.multiframe) if r[:2] == ("preview", 2)]
+    kept = http(server, f"/api/instances/{sent.multiframe}/frames/2/rendered")
+    assert kept.status == 200 and kept.headers["content-type"] == "image/jpeg"
+    assert [r for r in renditions(index, sent.multiframe) if r[:2] == ("preview", 2)]
+    assert http(server, f"/api/instances/{sent.multiframe}/frames/2/rendered").body == kept.body
+    missing = http(server, f"/api/instances/{sent.multiframe}/frames/3/rendered")
+    assert missing.status == 404 and "has 2" in missing.json()["detail"]
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_bad_parameters_and_unknown_uids_get_problem_documents(served) -> None:
+    server, sent = served
+    u = sent.ct[0]
+    for query in (
+        "window=40",
+        "window=a,b",
+        "window=40,0",
+        "size=0x10",
+        "size=big",
+        "format=gif",
+        "quality=0",
+        "quality=x",
+        "viewport=1,2,3,4,5,6",
+    ):
+        r = http(server, f"/api/instances/{u}/rendered?{query}")
+        assert r.status == 422, query
+        assert r.headers["content-type"] == "application/problem+json" and r.json()["detail"], query
+    assert http(server, f"/api/instances/{u}/frames/zero/rendered").status == 422
+    for path in (
+        "/api/instances/2.25.1/rendered",
+        "/api/instances/2.25.1/frames/1/rendered",
+        "/api/series/2.25.1/thumbnail",
+    ):
+        r = http(server, path)
+        assert r.status == 404 and r.headers["content-type"] == "application/problem+json", path
+
+
+# -- hostile objects -------------------------------------------------------------------------------
+@pytest.mark.peer
+@pytest.mark.slow
+def test_objects_that_cannot_be_rendered_are_marked_with_a_reason_and_others_go_on(
+    served, index: Index
+) -> None:
+    server, sent = served
+    wait_settled(index, [sent.too_short, sent.rle_bomb, sent.good_after])
+    status, reason = status_of(index, sent.too_short)
+    assert status == "unrenderable" and "4096" in reason and "bytes" in reason
+    status, reason = status_of(index, sent.rle_bomb)
+    assert status == "unrenderable" and "RLE" in reason and "8000" in reason
+    assert renditions(index, sent.too_short) == [] and renditions(index, sent.rle_bomb) == []
+    wait_settled(index, [sent.report])
+    assert status_of(index, sent.report) == (
+        "unrenderable",
+        "the instance has no pixel data (it is not an image)",
+    )
+    # the instance sent after them was rendered, and the node still answers
+    assert status_of(index, sent.good_after) == ("ok", None)
+    assert http(server, f"/api/instances/{sent.good_after}/rendered").status == 200
+    assert echoscu(server.dicom_port, DEMO_AE).returncode == 0
+    for u, word in ((sent.too_short, "4096"), (sent.rle_bomb, "RLE")):
+        for q in ("", "?format=png&window=40,400"):
+            r = http(server, f"/api/instances/{u}/rendered{q}")
+            assert (
+                r.status == 422
+                and r.json()["title"] == "Unrenderable instance"
+                and word in r.json()["detail"]
+            )
+    assert server.proc is not None and server.proc.poll() is None
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_quarantined_instances_are_not_rendered(served, index: Index) -> None:
+    server, sent = served
+    wait_settled(index, sent.ct + [sent.good_after])
+    assert status_of(index, sent.quarantined) == (None, None)  # waits for release; never rendered
+    assert renditions(index, sent.quarantined) == []
+    for path in (
+        f"/api/instances/{sent.quarantined}/rendered",
+        f"/api/instances/{sent.quarantined}/rendered?format=png",
+    ):
+        r = http(server, path)
+        assert r.status == 403 and "quarantined" in r.json()["detail"]
+    assert renditions(index, sent.quarantined) == []
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_previews_are_never_made_before_the_ack(served, index: Index) -> None:
+    server, sent = served
+    wait_settled(index, sent.ct)
+    refused = expected_uid(server.data_dir, sent.strict_partner_id, sent.refused_original)
+    assert index.get_instance(refused) is None  # the node refused it: no row, so nothing queued
+    assert renditions(index, refused) == []
+    # every rendition object in the store belongs to a recorded rendition of an acknowledged instance
+    with index.read() as s:
+        recorded = {str(k) for (k,) in s.execute(select(Rendition.object_key))}
+    on_disk = {
+        p.relative_to(server.data_dir / "objects").as_posix()
+        for p in (server.data_dir / "objects" / "r").rglob("*")
+        if p.is_file()
+    }
+    assert on_disk == recorded and recorded
+
+
+# -- the worker pool -------------------------------------------------------------------------------
+@pytest.fixture
+def pool() -> Iterator[RenderPool]:
+    p = RenderPool(workers=1, memory_mb=512, timeout=20).start()
+    yield p
+    p.close()
+
+
+def test_workers_run_under_the_memory_limit_and_one_that_exceeds_it_is_replaced(
+    pool: RenderPool,
+) -> None:
+    soft, _hard = pool.call(resource.getrlimit, resource.RLIMIT_AS)
+    assert soft == 512 * 1024 * 1024
+    before = pool.pids()
+    assert len(pool.call(bytearray, 64 * 1024 * 1024)) == 64 * 1024 * 1024  # within the limit
+    with pytest.raises(JobFailed) as e:
+        pool.call(bytearray, 1024 * 1024 * 1024)
+    assert e.value.kind == "memory" and "512 MiB" in e.value.reason
+    assert pool.replaced == 1 and pool.pids() != before and len(pool.pids()) == 1
+    assert pool.call(len, b"abc") == 3  # the new worker works
+
+
+def test_a_worker_that_overruns_its_time_or_dies_is_replaced(pool: RenderPool) -> None:
+    first = pool.pids()
+    with pytest.raises(JobFailed) as e:
+        pool.call(time.sleep, 60, timeout=0.5)
+    assert e.value.kind == "timeout"
+    second = pool.pids()
+    assert second != first
+    with pytest.raises(JobFailed) as e:
+        pool.call(os._exit, 7)
+    assert e.value.kind == "crashed" and "exit code 7" in e.value.reason
+    assert pool.pids() != second and pool.replaced == 2
+    assert pool.call(sum, [1, 2, 3]) == 6
+
+
+def test_the_renderer_refuses_dimensions_beyond_the_data_in_a_worker(
+    pool: RenderPool, tmp_path: Path
+) -> None:
+    from imx.previews import render_job
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    huge = copy.deepcopy(ds)
+    huge.Rows = huge.Columns = 60000  # 3.6 G pixels: refused before anything is decoded
+    buf = io.BytesIO()
+    huge.save_as(buf, enforce_file_format=True)
+    with pytest.raises(JobFailed) as e:
+        pool.call(render_job, buf.getvalue(), [(1, None, None, "png", 90)], 192 * 1024 * 1024)
+    assert e.value.kind == "unrenderable" and "60000" in e.value.reason
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    (png,) = pool.call(render_job, buf.getvalue(), [(1, None, None, "png", 90)], 192 * 1024 * 1024)
+    assert Image.open(io.BytesIO(png)).size == (128, 128)
+
+
+def test_a_worker_started_by_a_thread_that_ended_keeps_serving(pool: RenderPool) -> None:
+    """Regression: PR_SET_PDEATHSIG follows the parent *thread*; a worker replaced by an HTTP
+    thread that then ended was killed under its next job."""
+
+    def crash() -> None:
+        with pytest.raises(JobFailed):
+            pool.call(os._exit, 1)
+
+    t = threading.Thread(target=crash)
+    t.start()
+    t.join()
+    (pid,) = pool.pids()
+    pool.call(time.sleep, 0.5)  # time for a death signal, had one been sent at the thread's end
+    assert pool.call(os.getpid) == pid and pool.replaced == 1
+
+
+def test_only_loopback_clients_get_images_until_accounts_exist(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from imx.config import Settings, ensure_layout
+    from imx.ingest import Archive
+    from viewer.app import create_app
+
+    settings = Settings.load(data_dir=tmp_path / "data")
+    ensure_layout(settings)
+    archive = Archive(settings)
+    archive.index.migrate()
+    try:
+        app = create_app(archive)
+        for path in (
+            "/api/instances/2.25.1/rendered",
+            "/api/instances/2.25.1/frames/1/rendered",
+            "/api/series/2.25.1/thumbnail",
+        ):
+            r = TestClient(app, client=("203.0.113.9", 40000)).get(path)
+            assert r.status_code == 403 and "only on this machine" in r.json()["detail"]
+    finally:
+        archive.close()
+
+
+def test_previews_started_on_demand_stop_their_workers_when_detached(tmp_path: Path) -> None:
+    from imx import previews
+    from imx.config import Settings, ensure_layout
+    from imx.ingest import Archive
+
+    settings = Settings.load(data_dir=tmp_path / "data")
+    ensure_layout(settings)
+    archive = Archive(settings)
+    archive.index.migrate()
+    try:
+        svc = previews.for_archive(archive)
+        assert previews.for_archive(archive) is svc
+        workers = list(svc.pool._all)
+        assert len(workers) == 1 and workers[0].alive
+        with pytest.raises(previews.NotFound):
+            previews.rendered(
+                archive, "2.25.1", None, window=None, size=None, fmt="png", quality=90
+            )
+        previews.detach(archive)
+        assert not workers[0].alive
+        assert previews.for_archive(archive) is not svc  # a new one, started again
+        previews.detach(archive)
+    finally:
+        archive.close()
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_a_series_that_grows_gets_its_thumbnail_from_the_new_middle(
+    served, index: Index, tmp_path: Path
+) -> None:
+    server, _ = served
+    paths = make_ct_series(tmp_path / "grow", 5)
+    first = paths[:1]
+    assert storescu(server.dicom_port, first).returncode == 0
+    uids = [
+        expected_uid(server.data_dir, 1, str(dcmread(p, stop_before_pixels=True).SOPInstanceUID))
+        for p in paths
+    ]
+    wait_settled(index, uids[:1])
+    with index.read() as s:
+        series_uid = s.scalar(
+            select(Series.series_uid)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Instance.sop_uid == uids[0])
+        )
+    before = http(server, f"/api/series/{series_uid}/thumbnail")
+    assert before.status == 200
+    assert [r[0] for r in renditions(index, uids[0])].count("thumbnail") == 1
+
+    assert storescu(server.dicom_port, paths[1:]).returncode == 0
+    wait_settled(index, uids)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        r[0] == "thumbnail" for r in renditions(index, uids[2])
+    ):
+        time.sleep(0.2)
+    assert [u for u in uids if any(r[0] == "thumbnail" for r in renditions(index, u))] == [uids[2]]
+    after = http(
+        server, f"/api/series/{series_uid}/thumbnail", {"If-None-Match": before.headers["etag"]}
+    )
+    assert after.status == 200 and after.headers["etag"] != before.headers["etag"]
+    assert after.headers["cache-control"] == "public, no-cache"  # it may change: revalidated
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_a_kept_preview_lost_from_the_store_is_rendered_again_on_request(
+    served, index: Index
+) -> None:
+    server, sent = served
+    wait_settled(index, sent.ct)
+    (old,) = [k for kind, frame, k, _ in renditions(index, sent.ct[4]) if kind == "preview"]
+    (server.data_dir / "objects" / old).unlink()  # e.g. removed by imx check --repair as an orphan
+    r = http(server, f"/api/instances/{sent.ct[4]}/rendered")
+    assert r.status == 200 and r.headers["content-type"] == "image/jpeg"
+    (new,) = [k for kind, frame, k, _ in renditions(index, sent.ct[4]) if kind == "preview"]
+    assert new != old and (server.data_dir / "objects" / new).read_bytes() == r.body
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_imx_check_knows_renditions_and_repair_keeps_them(served, index: Index) -> None:
+    """Previews and thumbnails have rendition rows, not instance rows: `imx check --repair` must
+    not take them for orphans and delete them."""
+    server, sent = served
+    wait_settled(index, sent.ct)
+    kept = [k for uid in sent.ct for _, _, k, _ in renditions(index, uid)]
+    assert kept
+    run = server.imx("check", "--repair")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 objects without an index row" in run.stdout, run.stdout
+    assert all((server.data_dir / "objects" / k).exists() for k in kept)

@@ -1,0 +1,247 @@
+"""HTTP routes for rendered images: series thumbnails, instance previews, rendered frames.
+
+    GET /api/series/{series_uid}/thumbnail
+    GET /api/instances/{sop_uid}/rendered
+    GET /api/instances/{sop_uid}/frames/{n}/rendered
+
+Query parameters follow WADO-RS rendered resources (PS3.18 8.3.5.1): ``window=CENTER,WIDTH``,
+``viewport=W,H`` (or ``size=WxH``), ``quality`` (1-100), and ``format=png|jpeg|webp`` or the
+Accept header (PS3.18 8.3.5.1.1; ``format`` wins). Without any of them, and with an Accept header
+that takes JPEG as readily as anything else, the answer is the kept preview (fitted into the
+preview size, JPEG), rendered and kept on first use; otherwise the frame is rendered now, in a
+render worker with memory and time limits, at its own size unless a viewport is given.
+
+Rendered pixels of an instance never change (instances are immutable): those answers carry a
+strong ETag (a hash of the instance and the parameters) and ``Cache-Control: public,
+max-age=31536000, immutable``; ``If-None-Match`` gives 304. A series thumbnail is replaced when the
+series grows, so it is revalidated (``no-cache``) and answers 304 while it is the same. Errors
+are ``application/problem+json`` (RFC 9457).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from imx import previews as pv
+
+if TYPE_CHECKING:
+    from imx.ingest import Archive
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+REVALIDATE = "public, no-cache"
+MAX_VIEWPORT = 8192
+FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_WINDOW_RE = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[x,X]\s*(\d{1,6})\s*$")
+
+
+class BadParameter(ValueError):
+    pass
+
+
+class NotAcceptable(ValueError):
+    pass
+
+
+def problem(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An RFC 9457 problem document."""
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status_code=status,
+        media_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def _window(value: str | None) -> object | None:
+    if value is None:
+        return None
+    m = _WINDOW_RE.match(value)
+    if not m:
+        raise BadParameter("window must be CENTER,WIDTH (two numbers), e.g. window=40,400")
+    center, width = float(m.group(1)), float(m.group(2))
+    if not width > 0 or abs(center) > 1e9 or width > 1e9:
+        raise BadParameter("the window width must be a positive number and both values finite")
+    from imaging.render import Window
+
+    return Window(center, width)
+
+
+def _viewport(size: str | None, viewport: str | None) -> tuple[int, int] | None:
+    if size is not None and viewport is not None:
+        raise BadParameter("give either size or viewport, not both")
+    value = size if size is not None else viewport
+    if value is None:
+        return None
+    if viewport is not None:  # PS3.18 8.3.5.1.3: vw,vh (a source region is not supported)
+        parts = [p.strip() for p in viewport.split(",")]
+        if len(parts) != 2:
+            raise BadParameter(
+                "viewport must be WIDTH,HEIGHT, e.g. viewport=512,512 (no source region)"
+            )
+        value = f"{parts[0]}x{parts[1]}"
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise BadParameter("size must be WIDTHxHEIGHT in pixels, e.g. size=256x256")
+    w, h = int(m.group(1)), int(m.group(2))
+    if not (1 <= w <= MAX_VIEWPORT and 1 <= h <= MAX_VIEWPORT):
+        raise BadParameter(f"width and height must be between 1 and {MAX_VIEWPORT}")
+    return w, h
+
+
+def _quality(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        q = int(value)
+    except ValueError:
+        raise BadParameter("quality must be a whole number from 1 to 100") from None
+    if not 1 <= q <= 100:
+        raise BadParameter("quality must be a whole number from 1 to 100")
+    return q
+
+
+def _accept(header: str | None) -> str | None:
+    """The format the Accept header prefers (RFC 9110 12.5.1: the most specific range decides a
+    media type's weight); None when JPEG, the kept previews' format, is among the preferred.
+    Raises BadParameter if it takes none of ours."""
+    if not header or not header.strip():
+        return None
+    ranges: dict[str, float] = {}
+    for part in header.split(","):
+        fields = [f.strip() for f in part.split(";")]
+        q = 1.0
+        for f in fields[1:]:
+            if f.lower().startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    q = 0.0
+        ranges[fields[0].lower()] = q
+    weights: dict[str, float] = {}
+    for fmt, media in pv.MEDIA_TYPES.items():
+        for candidate in (media, "image/*", "*/*"):
+            if candidate in ranges:
+                weights[fmt] = ranges[candidate]
+                break
+    best = {f: w for f, w in weights.items() if w > 0}
+    if not best:
+        raise NotAcceptable("the Accept header takes none of image/jpeg, image/png, image/webp")
+    top = max(best.values())
+    if best.get(pv.DEFAULT_FORMAT) == top:
+        return None
+    return next(f for f in ("png", "webp") if best.get(f) == top)
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return any((t[2:] if t.startswith("W/") else t) == etag for t in tags)
+
+
+def _image(body: bytes, media_type: str, etag: str, cache: str) -> Response:
+    return Response(
+        body,
+        media_type=media_type,
+        headers={"ETag": etag, "Cache-Control": cache, "Vary": "Accept"},
+    )
+
+
+def _not_modified(etag: str, cache: str) -> Response:
+    return Response(
+        status_code=304, headers={"ETag": etag, "Cache-Control": cache, "Vary": "Accept"}
+    )
+
+
+def _guarded(fn: Callable[[], Response]) -> Response:
+    """Map the preview errors to problem documents."""
+    try:
+        return fn()
+    except BadParameter as e:
+        return problem(422, "Bad parameter", str(e))
+    except NotAcceptable as e:
+        return problem(406, "Not acceptable", str(e))
+    except pv.NotFound as e:
+        return problem(404, "Not found", str(e))
+    except pv.Quarantined as e:
+        return problem(403, "Held back", str(e))
+    except pv.Unrenderable as e:
+        return problem(422, "Unrenderable instance", f"the instance cannot be rendered: {e.reason}")
+    except pv.Busy as e:
+        return problem(503, "Busy", str(e), {"Retry-After": "1"})
+
+
+def router(archive: Archive) -> APIRouter:
+    """The routes above, for ``archive`` (its Previews: ``imx.previews.for_archive``)."""
+    r = APIRouter()
+
+    def service() -> pv.Previews:
+        return pv.for_archive(archive)
+
+    def instance_image(request: Request, sop_uid: str, frame: int) -> Response:
+        q = request.query_params
+        fmt_param = q.get("format")
+        if fmt_param is not None and fmt_param.lower() not in FORMATS:
+            raise BadParameter("format must be png, jpeg or webp")
+        accept_fmt = _accept(request.headers.get("accept")) if fmt_param is None else None
+        window = _window(q.get("window"))
+        size = _viewport(q.get("size"), q.get("viewport"))
+        quality = _quality(q.get("quality"))
+        fmt = FORMATS[fmt_param.lower()] if fmt_param else accept_fmt
+        inm = request.headers.get("if-none-match")
+        svc = service()
+        if window is None and size is None and quality is None and fmt is None:
+            target, tag = svc.preview_etag(sop_uid, frame)
+            if tag is not None and _matches(inm, tag):
+                return _not_modified(tag, IMMUTABLE)
+            body, media, tag = svc.preview(sop_uid, frame, target=target)
+            return _image(body, media, tag, IMMUTABLE)
+        fmt = fmt or pv.DEFAULT_FORMAT
+        quality = quality if quality is not None else pv.DEFAULT_QUALITY
+        resolved = svc.rendered_etag(
+            sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality
+        )
+        if _matches(inm, resolved[1]):
+            return _not_modified(resolved[1], IMMUTABLE)
+        body, media, tag = svc.rendered(
+            sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality, target=resolved
+        )
+        return _image(body, media, tag, IMMUTABLE)
+
+    @r.get("/api/instances/{sop_uid}/rendered")
+    def instance_rendered(sop_uid: str, request: Request) -> Response:
+        return _guarded(lambda: instance_image(request, sop_uid, 1))
+
+    @r.get("/api/instances/{sop_uid}/frames/{n}/rendered")
+    def frame_rendered(sop_uid: str, n: str, request: Request) -> Response:
+        def run() -> Response:
+            if not n.isdigit() or not 1 <= int(n) <= 10_000_000:
+                raise BadParameter("the frame number must be a whole number from 1")
+            return instance_image(request, sop_uid, int(n))
+
+        return _guarded(run)
+
+    @r.get("/api/series/{series_uid}/thumbnail")
+    def thumbnail(series_uid: str, request: Request) -> Response:
+        def run() -> Response:
+            svc = service()
+            tag = svc.thumbnail_etag(series_uid)
+            if tag is not None and _matches(request.headers.get("if-none-match"), tag):
+                return _not_modified(tag, REVALIDATE)
+            body, media, tag = svc.series_thumbnail(series_uid)
+            return _image(body, media, tag, REVALIDATE)
+
+        return _guarded(run)
+
+    return r
