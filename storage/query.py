@@ -145,10 +145,14 @@ _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 # -- visibility (quarantine) -----------------------------------------------------------------------
 def _held_per_series():  # type: ignore[no-untyped-def]
     """(series_id, n) of quarantined instances: reads the partial index on quarantined rows."""
+    # Grouping by ``series_id + 0`` rather than the column keeps SQLite from walking the whole
+    # series_id index to satisfy the GROUP BY (every instance row: 35 ms at 100,000 instances);
+    # it then reads only the partial index of quarantined rows (0.06 ms). PostgreSQL is unaffected.
+    sid = (Instance.series_id + 0).label("series_id")
     return (
-        select(Instance.series_id.label("series_id"), func.count(Instance.id).label("n"))
+        select(sid, func.count(Instance.id).label("n"))
         .where(Instance.quarantine.is_not(None))
-        .group_by(Instance.series_id)
+        .group_by(sid)
         .subquery()
     )
 
