@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     burnin_rules_file: Path | None = Field(None, description="Extra burned-in text region rules (same format as imaging/data/burnin_regions.json); they win over the packaged ones.")
     safe_private_file: Path | None = Field(None, description="Extra safe private attributes for Retain Safe Private (same format as imaging/data/safe_private.json).")
     vocabulary_file: Path | None = Field(None, description="Extra safe words for the cleaning options, one per line (added to imaging/data/safe_words.txt).")
+    preview_workers: int = Field(1, description="Render worker processes for thumbnails, previews and rendered frames.")
+    preview_memory_mb: int = Field(1024, description="Address-space limit of each render worker in MiB (RLIMIT_AS); a render beyond it fails and the worker is replaced. 0: no limit.")
+    preview_timeout: float = Field(20.0, description="Seconds one render may take before its worker is killed and replaced (the object is then marked unrenderable).")
+    preview_size: int = Field(512, description="Kept previews are fitted into this many pixels (width and height).")
+    thumbnail_size: int = Field(128, description="Series thumbnails are fitted into this many pixels (width and height).")
+    stow_max_bytes: int = Field(2 * 1024**3, description="Largest STOW-RS request body in bytes; a larger one is refused (413) before it fills the disk.")
 
     @field_validator("ae_title")
     @classmethod

@@ -258,6 +258,20 @@ class PseudonymsExhausted(RuntimeError):
     """Every candidate pseudonym offered to ``Index.claim_identity`` is held by another original."""
 
 
+def _check_destination(host: str | None, port: int | None) -> tuple[str | None, int | None]:
+    """A C-MOVE destination is a host name or address and a TCP port, or neither."""
+    if host is None and port is None:
+        return None, None
+    if host is None or port is None:
+        raise ValueError("a destination needs both a host and a port")
+    host = host.strip()
+    if not host or len(host) > 255 or any(c.isspace() for c in host):
+        raise ValueError("the destination host must be a host name or an IP address")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError("the destination port must be between 1 and 65535")
+    return host, int(port)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin)
     cur = dbapi_conn.cursor()
@@ -350,17 +364,42 @@ class Index:
             )
             return result.rowcount == 1
 
-    def add_partner(self, name: str, ae_title: str, hosts: list[str] | None = None) -> Partner:
+    def add_partner(
+        self,
+        name: str,
+        ae_title: str,
+        hosts: list[str] | None = None,
+        dest_host: str | None = None,
+        dest_port: int | None = None,
+    ) -> Partner:
+        """Register a partner; ``dest_host``/``dest_port`` (both or neither) make its AE title a
+        C-MOVE destination (its PACS's storage SCP)."""
         for h in hosts or []:
             ipaddress.ip_network(h, strict=False)  # raises ValueError with a clear message
+        dest_host, dest_port = _check_destination(dest_host, dest_port)
         try:
             with self.write() as s:
-                p = Partner(name=name, ae_title=ae_title, hosts=json.dumps(hosts or []))
+                p = Partner(
+                    name=name, ae_title=ae_title, hosts=json.dumps(hosts or []), dest_host=dest_host, dest_port=dest_port
+                )
                 s.add(p)
                 s.flush()
                 return p
         except sa_exc.IntegrityError:
             raise PartnerExists(f"a partner named {name!r} or with AE title {ae_title!r} already exists") from None
+
+    def set_partner_destination(self, name: str, host: str | None, port: int | None) -> bool:
+        """Where C-MOVE sends to the active partner ``name`` (PS3.4 C.4.2: the Move Destination is
+        its AE title); ``None, None`` makes it no destination. False if there is no such partner.
+        Raises ValueError for a host or port that cannot be one."""
+        host, port = _check_destination(host, port)
+        with self.write() as s:
+            result = s.execute(
+                update(Partner)
+                .where(Partner.name == name, Partner.active.is_(True))
+                .values(dest_host=host, dest_port=port)
+            )
+            return result.rowcount == 1
 
     def remove_partner(self, name: str) -> str | None:
         """Stop accepting a partner. A partner that has sent studies is deactivated (its studies
@@ -803,3 +842,210 @@ class Index:
         with self.read() as s:
             for row in s.execute(select(Instance.sop_uid, Instance.object_key, Instance.sha256, Instance.location)):
                 yield tuple(row)  # type: ignore[misc]
+
+    # -- renditions and previews ----------------------------------------------------------------
+    # The preview workers' queue is the instances whose preview_status is NULL (rows exist only
+    # after the ack); a rendition is a thumbnail or preview kept in the object store.
+    _TARGET_COLUMNS = (
+        Instance.id,
+        Instance.sop_uid,
+        Instance.series_id,
+        Instance.sha256,
+        Instance.frames,
+        Instance.quarantine,
+        Instance.preview_status,
+        Instance.preview_reason,
+        Instance.object_key,
+        Instance.location,
+    )
+
+    @staticmethod
+    def _target(row: Any) -> dict[str, Any]:
+        iid, sop, series_id, sha, frames, quarantine, status, reason, key, location = row
+        return {
+            "object_key": key,
+            "location": location,
+            "id": iid,
+            "sop_uid": sop,
+            "series_id": series_id,
+            "sha256": sha,
+            "frames": max(1, int(frames or 1)),
+            "quarantine": quarantine,
+            "preview_status": status,
+            "preview_reason": reason,
+        }
+
+    def preview_target(self, sop_uid: str) -> dict[str, Any] | None:
+        """What the preview functions need of one instance, or None if it is unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*self._TARGET_COLUMNS).where(Instance.sop_uid == sop_uid)).first()
+        return self._target(row) if row is not None else None
+
+    def pending_previews(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Visible instances not rendered yet, oldest first (quarantined ones wait for release)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(*self._TARGET_COLUMNS)
+                .where(Instance.preview_status.is_(None), Instance.quarantine.is_(None))
+                .order_by(Instance.id)
+                .limit(limit)
+            ).all()
+        return [self._target(r) for r in rows]
+
+    def set_preview_status(self, instance_id: int, status: str, reason: str | None) -> None:
+        with self.write_engine.begin() as conn:
+            conn.execute(
+                update(Instance)
+                .where(Instance.id == instance_id)
+                .values(preview_status=status, preview_reason=(reason or None) and reason[:200])
+            )
+
+    def add_rendition(self, instance_id: int, kind: str, frame: int, object_key: str, media_type: str, size_bytes: int) -> tuple[str, str]:
+        """Record a rendition; (object key, media type) of the one recorded, which is an earlier
+        one if another writer recorded the same (instance, kind, frame) first."""
+        try:
+            with self.write_engine.begin() as conn:
+                conn.execute(
+                    insert(Rendition).values(
+                        instance_id=instance_id,
+                        kind=kind,
+                        frame=frame,
+                        object_key=object_key,
+                        media_type=media_type,
+                        size_bytes=size_bytes,
+                        created_at=utcnow(),
+                    )
+                )
+            return object_key, media_type
+        except sa_exc.IntegrityError:
+            found = self.rendition(instance_id, kind, frame)
+            if found is None:
+                raise
+            return found
+
+    def record_preview(self, instance_id: int, frame: int, object_key: str, media_type: str, size_bytes: int) -> tuple[str, str]:
+        """Record a preview rendition and mark the instance rendered ('ok') in one transaction;
+        as ``add_rendition``, returns the one recorded (an earlier one if another writer won)."""
+        try:
+            with self.write_engine.begin() as conn:
+                conn.execute(
+                    insert(Rendition).values(
+                        instance_id=instance_id,
+                        kind="preview",
+                        frame=frame,
+                        object_key=object_key,
+                        media_type=media_type,
+                        size_bytes=size_bytes,
+                        created_at=utcnow(),
+                    )
+                )
+                conn.execute(update(Instance).where(Instance.id == instance_id).values(preview_status="ok", preview_reason=None))
+            return object_key, media_type
+        except sa_exc.IntegrityError:
+            found = self.rendition(instance_id, "preview", frame)
+            if found is None:
+                raise
+            self.set_preview_status(instance_id, "ok", None)
+            return found
+
+    def rendition(self, instance_id: int, kind: str, frame: int) -> tuple[str, str] | None:
+        """(object key, media type) of a rendition, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Rendition.object_key, Rendition.media_type).where(
+                    Rendition.instance_id == instance_id, Rendition.kind == kind, Rendition.frame == frame
+                )
+            ).first()
+        return (str(row[0]), str(row[1])) if row is not None else None
+
+    def drop_rendition(self, object_key: str) -> None:
+        from sqlalchemy import delete
+
+        with self.write_engine.begin() as conn:
+            conn.execute(delete(Rendition).where(Rendition.object_key == object_key))
+
+    def rendition_keys(self) -> Iterator[str]:
+        """Object keys of every rendition (they are not orphans for a consistency check)."""
+        with self.read() as s:
+            for (key,) in s.execute(select(Rendition.object_key)):
+                yield str(key)
+
+    def series_id(self, series_uid: str) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.scalar(select(Series.id).where(Series.series_uid == series_uid))
+
+    def series_thumbnail(self, series_id: int) -> tuple[int, int, str, str] | None:
+        """(instance id, frame, object key, media type) of the series thumbnail, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Rendition.instance_id, Rendition.frame, Rendition.object_key, Rendition.media_type)
+                .join(Instance, Rendition.instance_id == Instance.id)
+                .where(Instance.series_id == series_id, Rendition.kind == "thumbnail")
+                .order_by(Rendition.id.desc())
+                .limit(1)
+            ).first()
+        return (int(row[0]), int(row[1]), str(row[2]), str(row[3])) if row is not None else None
+
+    def thumbnail_plan(self, series_id: int) -> dict[str, Any] | None:
+        """What the series thumbnail should be made of: ``representative`` (the middle visible,
+        renderable instance by instance number, and its frame: the middle one when the series is
+        a single multi-frame instance), ``current`` (the thumbnail kept now, as
+        ``series_thumbnail``) and ``pending`` (an instance of the series waits in the queue)."""
+        with self.engine.connect() as conn:
+            if conn.scalar(select(Series.id).where(Series.id == series_id)) is None:
+                return None
+            rows = conn.execute(
+                select(*self._TARGET_COLUMNS)
+                .where(
+                    Instance.series_id == series_id,
+                    Instance.quarantine.is_(None),
+                    func.coalesce(Instance.preview_status, "") != "unrenderable",
+                )
+                .order_by(Instance.instance_number.is_(None), Instance.instance_number, Instance.id)
+            ).all()
+        targets = [self._target(r) for r in rows]
+        rep = None
+        if targets:
+            t = targets[(len(targets) - 1) // 2]
+            rep = {"target": t, "frame": (t["frames"] + 1) // 2 if len(targets) == 1 else 1}
+        return {
+            "pending": any(t["preview_status"] is None for t in targets),
+            "current": self.series_thumbnail(series_id),
+            "representative": rep,
+        }
+
+    def replace_thumbnail(self, series_id: int, instance_id: int, frame: int, object_key: str, media_type: str, size_bytes: int) -> list[str]:
+        """Make ``object_key`` the series thumbnail in one transaction; returns the object keys of
+        the thumbnails it replaces (for the caller to delete from the store): ``[object_key]``
+        itself if a concurrent writer just recorded the same one."""
+        from sqlalchemy import delete
+
+        try:
+            return self._replace_thumbnail(delete, series_id, instance_id, frame, object_key, media_type, size_bytes)
+        except sa_exc.IntegrityError:
+            return [object_key]
+
+    def _replace_thumbnail(self, delete: Any, series_id: int, instance_id: int, frame: int, object_key: str, media_type: str, size_bytes: int) -> list[str]:
+        with self.write_engine.begin() as conn:
+            old = [
+                str(k)
+                for (k,) in conn.execute(
+                    select(Rendition.object_key)
+                    .join(Instance, Rendition.instance_id == Instance.id)
+                    .where(Instance.series_id == series_id, Rendition.kind == "thumbnail")
+                )
+            ]
+            if old:
+                conn.execute(delete(Rendition).where(Rendition.object_key.in_(old)))
+            conn.execute(
+                insert(Rendition).values(
+                    instance_id=instance_id,
+                    kind="thumbnail",
+                    frame=frame,
+                    object_key=object_key,
+                    media_type=media_type,
+                    size_bytes=size_bytes,
+                    created_at=utcnow(),
+                )
+            )
+        return old

@@ -102,4 +102,11 @@ def create_app(archive: Archive) -> FastAPI:
     ) -> dict:
         return {"studies": archive.index.list_studies(limit=limit, offset=offset), "limit": limit, "offset": offset}
 
+    from viewer.previews import router as previews_router
+
+    app.include_router(previews_router(archive), dependencies=[Depends(loopback_only)])
+
+    from viewer.dicomweb import dicomweb_router
+
+    app.include_router(dicomweb_router(archive))
     return app
