@@ -7,6 +7,9 @@
   added or removed with ``imx partner`` counts at once.
 - C-ECHO (PS3.4 A.4) and C-STORE (PS3.4 B.2) for every storage SOP class pynetdicom knows, in every
   transfer syntax pydicom knows; the dataset is received in chunks to a private temporary file.
+- Query/Retrieve (PS3.4 C.4): C-FIND, C-MOVE and C-GET in the Patient Root and Study Root models,
+  handled in ``dicom_node.qr``. The storage contexts accept the SCP/SCU role selection a C-GET
+  requestor proposes (PS3.7 D.3.3.4), so the C-GET sub-operations go back on its association.
 - Several receiver processes accept on one listening socket that the supervisor opened, each
   taking a new association only while it is no busier than its siblings, so both cores work
   whatever the peers' ports (SO_REUSEPORT would hash four senders onto one process one time in
@@ -22,13 +25,14 @@ import time
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.qr import QR_SOP_CLASSES, QueryRetrieve
 from imx import metrics
 from imx.config import Settings
 from imx.ingest import Archive, PartnerRef, Result
@@ -54,6 +58,11 @@ STATUS_FOR_RESULT = {
     Result.FAILED: PROCESSING_FAILURE,
     Result.REFUSED: REFUSED_NOT_AUTHORIZED,
 }
+
+# The acceptor picks the first of these the requestor proposed in a context. Explicit VR Little
+# Endian first (pydicom's list starts with Implicit): it keeps the VRs, and it is what most stored
+# objects are in, so a C-GET requestor proposing several syntaxes gets them byte for byte.
+STORAGE_SYNTAXES = [ExplicitVRLittleEndian, *(ts for ts in AllTransferSyntaxes if ts != ExplicitVRLittleEndian)]
 
 _NO_MATCH = [""]  # a non-empty list no calling AE title can be in: makes pynetdicom reject
 
@@ -132,6 +141,16 @@ class SharedAcceptServer(ThreadedAssociationServer):
         return sock, address
 
 
+class SharedContexts(list):  # type: ignore[type-arg]
+    """The node's supported presentation contexts, shared by every association. pynetdicom
+    deep-copies the server's contexts for each association it accepts: 170 storage and Q/R
+    contexts of ~35 transfer syntaxes each took 30 ms, on every association. Negotiation only
+    reads them (the accepted contexts are new objects), so one copy serves all."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedContexts:
+        return self
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -156,8 +175,13 @@ class Node:
         ae.dimse_timeout = settings.network_timeout
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+            # both roles: a C-STORE sender is the SCU as usual; a C-GET requestor proposing the
+            # SCP role for it (role selection) gets its instances back on this context
+            ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES, scu_role=True, scp_role=True)
+        for sop_class in QR_SOP_CLASSES:
+            ae.add_supported_context(sop_class)
         self.ae = ae
+        self.qr = QueryRetrieve(archive, settings.ae_title, settings.max_pdu)
 
     # -- handlers: each short, each answering a DICOM status ------------------------------------
     def handle_echo(self, event_: evt.Event) -> int:
@@ -207,6 +231,7 @@ class Node:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
+            *self.qr.handlers(),
         ]
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -222,6 +247,7 @@ class Node:
             evt_handlers=self.handlers(),
             server_class=server_class,
         )
+        server.contexts = SharedContexts(server.contexts)
         self.ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="imx-dicom-accept", daemon=True).start()
         self.server = server

@@ -1,7 +1,9 @@
 """The ``imx`` command.
 
     imx serve                                   run the node, the HTTP app and the spool drainer
-    imx partner add NAME --ae AE [--host H]...  register a partner hospital (works while serving)
+    imx partner add NAME --ae AE [--host H]... [--dest HOST:PORT]
+                                                register a partner hospital (works while serving)
+    imx partner dest NAME HOST:PORT|--none      where C-MOVE sends to the partner's AE title
     imx partner list | remove NAME
     imx partner policy NAME [--set FILE | --default | --show]
                                                 a partner's de-identification policy
@@ -62,20 +64,49 @@ def _valid_ae(value: str) -> str:
     return v
 
 
+def _destination(value: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 address in brackets: [::1]:104) of a partner's storage SCP."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError("a destination is HOST:PORT, e.g. pacs.city-hospital.example:104")
+    return host, int(port)
+
+
 def cmd_partner_add(args: argparse.Namespace) -> int:
     from storage.index import PartnerExists
 
     index = _index(_settings())
+    dest_host, dest_port = args.dest if args.dest else (None, None)
     try:
-        p = index.add_partner(args.name, args.ae, args.host or [])
+        p = index.add_partner(args.name, args.ae, args.host or [], dest_host, dest_port)
     except PartnerExists as e:
         print(f"imx: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
-        print(f"imx: invalid --host: {e}", file=sys.stderr)
+        print(f"imx: invalid --host or --dest: {e}", file=sys.stderr)
         return 2
     hosts = ", ".join(p.host_list) or "any host"
-    print(f"partner {p.name} added: calling AE title {p.ae_title}, from {hosts}")
+    dest = f"; C-MOVE destination {p.dest_host}:{p.dest_port}" if p.dest_host else ""
+    print(f"partner {p.name} added: calling AE title {p.ae_title}, from {hosts}{dest}")
+    return 0
+
+
+def cmd_partner_dest(args: argparse.Namespace) -> int:
+    index = _index(_settings())
+    host, port = (None, None) if args.none else args.destination
+    try:
+        found = index.set_partner_destination(args.name, host, port)
+    except ValueError as e:
+        print(f"imx: invalid destination: {e}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"imx: no partner named {args.name!r}", file=sys.stderr)
+        return 1
+    if host is None:
+        print(f"partner {args.name}: no longer a C-MOVE destination")
+    else:
+        print(f"partner {args.name}: C-MOVE to its AE title sends to {host}:{port}")
     return 0
 
 
@@ -222,6 +253,44 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viewport(value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("a size is WIDTHxHEIGHT in pixels, e.g. 256x256") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError("a size is WIDTHxHEIGHT, both at least 1")
+    return w, h
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Render one frame of a DICOM file to PNG, JPEG or WebP (PS3.4 Annex N grayscale pipeline)."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from imaging.render import RenderError, Window, render
+
+    fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(Path(args.out).suffix.lower())
+    if fmt is None:
+        print("imx: the output file must end in .png, .jpg, .jpeg or .webp", file=sys.stderr)
+        return 1
+    window = Window(args.window[0], args.window[1]) if args.window else None
+    try:
+        ds = dcmread(args.src)
+        data = render(ds, args.frame, window=window, size=args.size, fmt=fmt, quality=args.quality)
+    except FileNotFoundError:
+        print(f"imx: no such file: {args.src}", file=sys.stderr)
+        return 1
+    except (InvalidDicomError, RenderError) as e:
+        print(f"imx: cannot render {args.src}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a file pydicom cannot parse
+        print(f"imx: cannot render {args.src}: not a readable DICOM file ({type(e).__name__})", file=sys.stderr)
+        return 1
+    Path(args.out).write_bytes(data)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imx", description="imaging-exchange: cross-border DICOM exchange")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -235,7 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("name", help="short name, e.g. OSH-CITY-HOSPITAL")
     pa.add_argument("--ae", required=True, type=_valid_ae, help="the calling AE title the hospital sends with")
     pa.add_argument("--host", action="append", help="address or CIDR it may send from (repeatable); default any")
+    pa.add_argument("--dest", type=_destination, metavar="HOST:PORT", help="its storage SCP: where C-MOVE to its AE title sends")
     pa.set_defaults(func=cmd_partner_add)
+    pd = psub.add_parser("dest", help="set or clear where C-MOVE sends to a partner's AE title")
+    pd.add_argument("name")
+    dg = pd.add_mutually_exclusive_group(required=True)
+    dg.add_argument("destination", nargs="?", type=_destination, metavar="HOST:PORT", help="its storage SCP")
+    dg.add_argument("--none", action="store_true", help="the partner is no longer a C-MOVE destination")
+    pd.set_defaults(func=cmd_partner_dest)
     pl = psub.add_parser("list", help="list registered partners")
     pl.set_defaults(func=cmd_partner_list)
     pr = psub.add_parser("remove", help="stop accepting a partner")
@@ -284,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="verify that every indexed instance is stored intact")
     ck.add_argument("--repair", action="store_true", help="remove stored objects no index row refers to")
     ck.set_defaults(func=cmd_check)
+
+    rd = sub.add_parser("render", help="render a frame of a DICOM file to PNG, JPEG or WebP")
+    rd.add_argument("src", metavar="IN", help="DICOM file")
+    rd.add_argument("out", metavar="OUT", help="output image; the format follows the suffix (.png, .jpg, .webp)")
+    rd.add_argument("--frame", type=int, default=1, help="frame number, from 1 (default 1)")
+    rd.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"), help="VOI window (default: the object's first, else the frame's range)")
+    rd.add_argument("--size", type=_viewport, metavar="WxH", help="fit inside this viewport, keeping the aspect ratio (never enlarged)")
+    rd.add_argument("--quality", type=int, default=90, help="JPEG and WebP quality, 1-100 (default 90)")
+    rd.set_defaults(func=cmd_render)
 
     st = sub.add_parser("settings", help="list every IMX_ setting with its default")
     st.set_defaults(func=cmd_settings)
