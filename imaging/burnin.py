@@ -601,6 +601,8 @@ def mask(ds: Dataset, regions: Sequence[Region]) -> None:
             encoded = list(
                 get_encoder(RLELossless).iter_encode(
                     frames.reshape(shape),
+                    # never GDCM: it aborts the process on some inputs (imaging/codecs.py)
+                    encoding_plugin="pylibjpeg" if "pylibjpeg" in get_encoder(RLELossless).available_plugins else "pydicom",
                     rows=rows,
                     columns=columns,
                     samples_per_pixel=samples,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from imaging.codecs import without_gdcm
 from imaging.dicomio import MalformedInstance, read_received, write_instance
 from imaging.policy import Policy
 from imx.config import Settings
@@ -217,6 +218,7 @@ def anonymize(settings: Settings, src: Path, dst: Path, partner_name: str | None
             print(f"imx: {e}", file=sys.stderr)
             return 2
     dst.mkdir(parents=True, exist_ok=True)
+    without_gdcm()  # as in the node: a hostile object fails cleanly instead of aborting the run
     archive = Archive(settings, index=index, offline=True)
     try:
         summary = Anonymizer(archive, PartnerRef.of(p), policy, dst).run(src, progress=progress)

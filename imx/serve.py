@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from imaging.codecs import without_gdcm
 from imx.config import Settings, ensure_layout
 from imx.logs import event, setup_logging
 
@@ -54,6 +55,7 @@ def worker_main(settings_data: dict[str, Any], number: int, ready: Any, listen_s
     from dicom_node.server import Node
     from imx.ingest import Archive
 
+    without_gdcm()  # GDCM can abort a process on hostile input: render workers only
     archive = Archive(settings)
     node = Node(settings, archive)
     try:
@@ -194,6 +196,7 @@ def serve(settings: Settings) -> int:
     from imx.ingest import Archive
     from storage.objects import FileSystemStore
 
+    without_gdcm()  # GDCM can abort a process on hostile input: render workers only
     archive = Archive(settings)
     if isinstance(archive.store, FileSystemStore):
         archive.store.clean_partial()
