@@ -371,6 +371,9 @@ def check_pixels(ds: Any, budget_bytes: int) -> None:
         )
 
 
+WHOLE_READ_BYTES = 64 * 1024 * 1024  # objects up to this size are read in one go
+
+
 def render_job(source: bytes | str, specs: list[Spec], budget_bytes: int) -> list[bytes]:
     """Parse one object (its bytes, or the path of its file) and render each spec from it (runs
     in a worker process)."""
@@ -380,6 +383,11 @@ def render_job(source: bytes | str, specs: list[Spec], budget_bytes: int) -> lis
 
     config.settings.reading_validation_mode = config.IGNORE
     try:
+        if isinstance(source, str) and os.path.getsize(source) <= WHOLE_READ_BYTES:
+            # one read and a parse from memory: pydicom's many small reads from a file cost more
+            # than the render itself (0.6 ms against 0.27 ms for a 512 KiB CT)
+            with open(source, "rb") as f:
+                source = f.read()
         ds = dcmread(source if isinstance(source, str) else io.BytesIO(source))
     except MemoryError:
         raise
