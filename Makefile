@@ -44,8 +44,8 @@ test: setup system-deps
 lint: setup
 	$(BIN)/ruff check .
 
-bench: setup
-	@command -v Orthanc >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk >/dev/null)
+# system-deps brings Orthanc and its DICOMweb plugin, the peers every benchmark compares with
+bench: setup system-deps
 	TCP_NODELAY=1 $(BIN)/python bench/ingest.py
 
 clean:
