@@ -242,6 +242,7 @@ class Deidentifier:
         prefix: str = "P",
         identities: Allocator | None = None,
         pixels_cleaned: bool = False,
+        burn_in: BurnInRisk | None = None,
     ) -> DeidResult:
         """De-identify ``ds`` in place (its file meta too). ``scope`` names the sending partner;
         ``prefix`` starts its pseudonyms; ``identities`` allocates them (and keeps the originals
@@ -274,7 +275,7 @@ class Deidentifier:
             )
         offset = self.date_offset(scope, pkey) if policy.shifts_dates else dt.timedelta(0)
         result = DeidResult(patient_pseudonym, accession_pseudonym, offset)
-        result.burn_in = assess(ds).value
+        result.burn_in = (burn_in if burn_in is not None else assess(ds)).value  # the caller may know it
         result.charset_fallbacks = report.fallbacks
         result.undecodable = len(report.undecodable)
 

@@ -151,6 +151,7 @@ class Archive:
             safe_private=SafePrivate.load(settings.safe_private_file) if settings.safe_private_file else None,
         )
         self.default_policy = Policy.load(settings.policy_file) if settings.policy_file else Policy.default()
+        self._policies: dict[str, Policy] = {}
         self.region_rules = RegionRules.load(settings.burnin_rules_file)
         self.vault = IdentityVault(self.index, self.keyed, settings.vault_key_file)
         self._store_down_until = 0.0
@@ -280,8 +281,12 @@ class Archive:
     # -- de-identification (shared with `imx anonymize`) ------------------------------------------
     def policy_for(self, partner: PartnerRef) -> Policy:
         if partner.policy_json:
+            policy = self._policies.get(partner.policy_json)  # parsed once, not per instance
+            if policy is not None:
+                return policy
             try:
-                return Policy.from_json(partner.policy_json)
+                policy = self._policies[partner.policy_json] = Policy.from_json(partner.policy_json)
+                return policy
             except PolicyError as e:  # a broken stored policy must not weaken de-identification
                 event(log, "partner policy unusable, default used", logging.ERROR, partner=partner.name, error=str(e))
         return self.default_policy
@@ -322,6 +327,7 @@ class Archive:
                     partner.id, partner.scope, kind, original, originals, candidates
                 ),
                 pixels_cleaned=cleaned,
+                burn_in=risk,
             )
         except DeidentificationError as e:
             return Outcome(Result.INVALID, str(e))
