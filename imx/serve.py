@@ -174,7 +174,7 @@ def _banner(settings: Settings, archive: Any) -> str:
         "imaging-exchange is running",
         f"  data folder   {settings.data_dir}",
         f"  DICOM node    AE title {settings.ae_title} on {settings.host}:{settings.dicom_port} ({settings.effective_workers} receiver processes)",
-        f"  HTTP          http://{settings.host}:{settings.http_port}/  (/healthz, /metrics, /api/studies)",
+        f"  HTTP          http://{settings.host}:{settings.http_port}/  (/healthz, /metrics, /api/studies, /dicomweb)",
         f"  object store  {where}",
         f"  index         {_redact_url(settings.effective_database_url)}",
     ]
