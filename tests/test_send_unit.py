@@ -338,9 +338,13 @@ def test_permanent_rejection_stops_at_once(
     study: Study, storescp: Callable[..., Receiver], tmp_path: Path
 ) -> None:
     receiver = storescp("--refuse")
-    started = time.monotonic()
-    summary, printed = _send(receiver.port, [study.root], tmp_path / "s.sqlite3", retries=5, backoff=30)
-    assert time.monotonic() - started < 15, "a permanent rejection must not be retried"
+    summary, printed = _send(receiver.port, [study.root], tmp_path / "s.sqlite3", retries=5, backoff=0.05)
+    # Never retried after the rejection: the stop is the last word, and any retry announced before
+    # it (a transient failure on a loaded machine, seen once in CI) was not for the rejection.
+    # (This used to time the run against a 30 s backoff, which such a transient failure broke.)
+    retries = [line for line in printed.splitlines() if "; retrying " in line]
+    assert all("permanently" not in line for line in retries), retries
+    assert printed.rfind("Retrying cannot help") > max((printed.rfind(line) for line in retries), default=-1)
     assert summary.sent == 0 and len(summary.failed) == N_DICOM
     assert all("rejected the association permanently" in reason for _, reason in summary.failed)
     assert "Retrying cannot help" in printed
@@ -349,9 +353,7 @@ def test_permanent_rejection_stops_at_once(
 
 def test_connection_refused_fails_clearly_after_retries(study: Study, tmp_path: Path) -> None:
     port = _free_port()  # nothing listens here
-    started = time.monotonic()
     summary, printed = _send(port, [study.root], tmp_path / "s.sqlite3", retries=2, backoff=0.05)
-    assert time.monotonic() - started < 20
     assert (summary.found, summary.sent, summary.already) == (N_DICOM, 0, 0)
     assert len(summary.failed) == N_DICOM
     assert all("connection refused" in reason for _, reason in summary.failed)
@@ -400,10 +402,10 @@ def test_rejection_reason_is_given(
     expected: str,
 ) -> None:
     scp = pynetdicom_scp(**ae_options)
-    started = time.monotonic()
     folder = _small_set(tmp_path)
-    summary, printed = _send(scp.port, [folder], tmp_path / "s.sqlite3", aec=aec, retries=5, backoff=30)
-    assert time.monotonic() - started < 15
+    summary, printed = _send(scp.port, [folder], tmp_path / "s.sqlite3", aec=aec, retries=5, backoff=0.05)
+    retries = [line for line in printed.splitlines() if "; retrying " in line]
+    assert all("permanently" not in line for line in retries), retries  # a rejection is never retried
     assert summary.sent == 0 and len(summary.failed) == 4
     assert expected in printed and "permanently" in printed
     assert not scp.stored
