@@ -73,3 +73,11 @@ def test_health_reports_an_unreachable_index(archive: Archive) -> None:
     h = client(archive).get("/healthz")
     assert h.status_code == 503
     assert h.json()["checks"]["index"].startswith("unreachable")
+
+
+def test_private_metrics_answer_loopback_only(archive: Archive) -> None:
+    archive.settings.metrics_public = False
+    assert client(archive, "203.0.113.7").get("/metrics").status_code == 403
+    assert client(archive).get("/metrics").status_code == 200
+    archive.settings.metrics_public = True
+    assert client(archive, "203.0.113.7").get("/metrics").status_code == 200

@@ -27,12 +27,18 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def loopback_only(request: Request) -> None:
+def require_loopback(request: Request) -> None:
     if not _is_loopback(request.client.host if request.client else None):
         raise HTTPException(
             status_code=403,
             detail="This service answers only on this machine until user accounts are set up.",
         )
+
+
+async def loopback_only(request: Request) -> None:
+    """The dependency form of :func:`require_loopback`. Async on purpose: FastAPI runs a plain
+    ``def`` dependency in its thread pool, a hand-off per request for a check that never blocks."""
+    require_loopback(request)
 
 
 def create_app(archive: Archive) -> FastAPI:
@@ -63,7 +69,7 @@ def create_app(archive: Archive) -> FastAPI:
     @app.get("/metrics")
     def metrics_endpoint(request: Request) -> Response:
         if not settings.metrics_public:
-            loopback_only(request)
+            require_loopback(request)
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.core import GaugeMetricFamily
 
