@@ -117,9 +117,12 @@ def cmd_partner_list(args: argparse.Namespace) -> int:
         print("no partners registered")
         return 0
     w = max(len(p.name) for p in partners)
-    print(f"{'NAME':<{w}}  {'AE TITLE':<16}  HOSTS")
+    print(f"{'NAME':<{w}}  {'AE TITLE':<16}  {'C-MOVE DESTINATION':<26}  {'POLICY':<8}  HOSTS")
     for p in partners:
-        print(f"{p.name:<{w}}  {p.ae_title:<16}  {', '.join(p.host_list) or 'any'}")
+        dest = f"{p.dest_host}:{p.dest_port}" if p.dest_host else "-"
+        policy = "own" if p.policy else "default"
+        state = "" if p.active else "  (removed: cannot send)"
+        print(f"{p.name:<{w}}  {p.ae_title:<16}  {dest:<26}  {policy:<8}  {', '.join(p.host_list) or 'any'}{state}")
     return 0
 
 

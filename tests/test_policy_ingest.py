@@ -258,3 +258,17 @@ def test_operator_masks_a_quarantined_object(archive: Archive, tmp_path: Path) -
         assert [s["quarantined"] for s in again.index.list_studies()] == [0]
     finally:
         again.close()
+
+
+def test_partner_list_shows_destination_and_policy(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert imx(data, "partner", "add", "OSH-CITY", "--ae", "OSHPACS", "--dest", "pacs.osh.example:104").returncode == 0
+    assert imx(data, "partner", "add", "BISHKEK-1", "--ae", "BISHPACS").returncode == 0
+    policy = tmp_path / "basic.toml"
+    policy.write_text('options = []\nburned_in = "reject"\n')
+    assert imx(data, "partner", "policy", "BISHKEK-1", "--set", str(policy)).returncode == 0
+    lines = imx(data, "partner", "list").stdout.splitlines()
+    osh = next(line for line in lines if line.startswith("OSH-CITY"))
+    bish = next(line for line in lines if line.startswith("BISHKEK-1"))
+    assert "pacs.osh.example:104" in osh and " default " in osh
+    assert " own " in bish and "pacs.osh.example" not in bish
