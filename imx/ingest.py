@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import config, dcmread, dcmwrite
 from pydicom.dataset import Dataset
@@ -467,12 +468,20 @@ class Archive:
         return moved
 
     # -- reading ---------------------------------------------------------------------------------
+    def open_stored(self, object_key: str, location: str) -> BinaryIO:
+        """A stored object, opened: from the spool while it waits there, else from the object
+        store (the drainer may move it in between, so a vanished spool file falls through to the
+        store). Raises KeyError if it is in neither; StoreError if the store cannot be reached."""
+        if location == LOCATION_SPOOL:
+            try:
+                return open(self.spool.path(object_key), "rb")
+            except FileNotFoundError:
+                pass
+        return self.store.open(object_key)
+
     def read_object(self, sop_uid: str) -> bytes | None:
         inst = self.index.get_instance(sop_uid)
         if inst is None:
             return None
-        if inst.location == LOCATION_SPOOL:
-            p = self.spool.payload(inst.object_key)
-            if p is not None:
-                return p.path.read_bytes()  # type: ignore[union-attr]
-        return self.store.get(inst.object_key)
+        with self.open_stored(inst.object_key, inst.location) as f:
+            return f.read()

@@ -483,17 +483,13 @@ class Previews:
 
         store = self.archive.store
         try:
-            if t.location == LOCATION_SPOOL:
-                payload = self.archive.spool.payload(t.object_key)
-                if payload is None:  # drained meanwhile
-                    return store.get(t.object_key)
-                return payload.path.read_bytes()  # type: ignore[union-attr]
-            if isinstance(store, FileSystemStore):
+            if t.location != LOCATION_SPOOL and isinstance(store, FileSystemStore):
                 path = store.root / check_key(t.object_key)
                 if not path.is_file():
                     raise KeyError(t.object_key)
                 return str(path)
-            return store.get(t.object_key)
+            with self.archive.open_stored(t.object_key, t.location) as f:
+                return f.read()
         except KeyError:
             raise Unrenderable("the stored object is missing (see imx check)") from None
         except OSError as e:

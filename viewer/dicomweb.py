@@ -42,7 +42,6 @@ from starlette.concurrency import run_in_threadpool
 
 from imx.ingest import Archive, PartnerRef, Result
 from imx.logs import event
-from storage.index import LOCATION_SPOOL
 from storage.objects import StoreError
 from storage.query import (
     SUPPORTED_KEYS,
@@ -362,13 +361,8 @@ def _multipart_response(
 def open_object(archive: Archive, si: StoredInstance) -> BinaryIO:
     """The stored object: from the spool while it waits there, else from the object store (the
     drainer may move it in between, so a vanished spool file falls through to the store)."""
-    if si.location == LOCATION_SPOOL:
-        try:
-            return open(archive.spool.path(si.object_key), "rb")
-        except FileNotFoundError:
-            pass
     try:
-        return archive.store.open(si.object_key)
+        return archive.open_stored(si.object_key, si.location)
     except KeyError:
         raise MissingObject(si.object_key) from None
 
