@@ -250,6 +250,19 @@ class InstanceRecord:
     quarantine: str | None = None  # why the instance is held back (never PHI); None = visible
 
 
+def _rendition_row(instance_id: int, kind: str, frame: int, object_key: str, media_type: str, size_bytes: int) -> Any:
+    """The INSERT of one rendition row (previews, thumbnails)."""
+    return insert(Rendition).values(
+        instance_id=instance_id,
+        kind=kind,
+        frame=frame,
+        object_key=object_key,
+        media_type=media_type,
+        size_bytes=size_bytes,
+        created_at=utcnow(),
+    )
+
+
 class PartnerExists(ValueError):
     pass
 
@@ -906,15 +919,7 @@ class Index:
         try:
             with self.write_engine.begin() as conn:
                 conn.execute(
-                    insert(Rendition).values(
-                        instance_id=instance_id,
-                        kind=kind,
-                        frame=frame,
-                        object_key=object_key,
-                        media_type=media_type,
-                        size_bytes=size_bytes,
-                        created_at=utcnow(),
-                    )
+                    _rendition_row(instance_id, kind, frame, object_key, media_type, size_bytes)
                 )
             return object_key, media_type
         except sa_exc.IntegrityError:
@@ -929,15 +934,7 @@ class Index:
         try:
             with self.write_engine.begin() as conn:
                 conn.execute(
-                    insert(Rendition).values(
-                        instance_id=instance_id,
-                        kind="preview",
-                        frame=frame,
-                        object_key=object_key,
-                        media_type=media_type,
-                        size_bytes=size_bytes,
-                        created_at=utcnow(),
-                    )
+                    _rendition_row(instance_id, "preview", frame, object_key, media_type, size_bytes)
                 )
                 conn.execute(update(Instance).where(Instance.id == instance_id).values(preview_status="ok", preview_reason=None))
             return object_key, media_type
@@ -1038,14 +1035,6 @@ class Index:
             if old:
                 conn.execute(delete(Rendition).where(Rendition.object_key.in_(old)))
             conn.execute(
-                insert(Rendition).values(
-                    instance_id=instance_id,
-                    kind="thumbnail",
-                    frame=frame,
-                    object_key=object_key,
-                    media_type=media_type,
-                    size_bytes=size_bytes,
-                    created_at=utcnow(),
-                )
+                _rendition_row(instance_id, "thumbnail", frame, object_key, media_type, size_bytes)
             )
         return old
