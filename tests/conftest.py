@@ -13,6 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from services import ImxServer, MotoServer, start_moto, start_postgres  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+from storage.index import Base, Index  # noqa: E402
 
 os.environ.setdefault("TCP_NODELAY", "1")  # dcmtk stalls 40 ms per C-STORE without it
 
@@ -49,3 +52,20 @@ def imx_server(tmp_path: Path) -> Iterator[ImxServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
+    """An empty, migrated index on SQLite and on PostgreSQL (tests using it run on both)."""
+    if request.param == "sqlite":
+        idx = Index(f"sqlite:///{tmp_path}/i.sqlite3")
+    else:
+        idx = Index(request.getfixturevalue("pg_url"))
+        Base.metadata.drop_all(idx.engine)  # each test starts from an empty database
+        with idx.engine.begin() as c:
+            c.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    idx.migrate()
+    try:
+        yield idx
+    finally:
+        idx.close()

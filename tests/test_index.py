@@ -9,7 +9,6 @@ import multiprocessing
 import random
 import sqlite3
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,22 +39,6 @@ from storage.objects import make_key
 
 MIGRATIONS = Path(storage.index.__file__).parent / "migrations"
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
-    if request.param == "sqlite":
-        idx = Index(f"sqlite:///{tmp_path}/i.sqlite3")
-    else:
-        idx = Index(request.getfixturevalue("pg_url"))
-        Base.metadata.drop_all(idx.engine)  # each test starts from an empty database
-        with idx.engine.begin() as c:
-            c.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    idx.migrate()
-    try:
-        yield idx
-    finally:
-        idx.close()
 
 
 def rec(partner_id: int, study: int, series: int, n: int, **kw: object) -> InstanceRecord:

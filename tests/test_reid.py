@@ -4,35 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, select, update
 
 from imaging.pseudonym import KeyedHash
 from imx.reid import IdentityVault, VaultError, VaultIntegrityError
-from storage.index import Base, Identity, Index, InstanceRecord
+from storage.index import Identity, Index, InstanceRecord
 from storage.objects import make_key
 
 KEYED = KeyedHash(bytes(range(32)))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
-    if request.param == "sqlite":
-        idx = Index(f"sqlite:///{tmp_path}/i.sqlite3")
-    else:
-        idx = Index(request.getfixturevalue("pg_url"))
-        Base.metadata.drop_all(idx.engine)  # each test starts from an empty database
-        with idx.engine.begin() as c:
-            c.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    idx.migrate()
-    try:
-        yield idx
-    finally:
-        idx.close()
 
 
 @pytest.fixture
