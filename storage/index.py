@@ -77,6 +77,8 @@ class Partner(Base):
     # where C-MOVE sends to this partner's AE title (its PACS's storage SCP); NULL = not a destination
     dest_host: Mapped[str | None] = mapped_column(String(255))
     dest_port: Mapped[int | None] = mapped_column(Integer)
+    # IANA time zone of the hospital (consultation times are shown in it); NULL = Asia/Urumqi
+    time_zone: Mapped[str | None] = mapped_column(String(64))
 
     @property
     def host_list(self) -> list[str]:
@@ -1038,3 +1040,8 @@ class Index:
                 _rendition_row(instance_id, "thumbnail", frame, object_key, media_type, size_bytes)
             )
         return old
+
+
+# The tables of accounts and consultations (schema 0004) join Base.metadata wherever the index is
+# imported; at the end, since they build on the classes above.
+import storage.access  # noqa: E402, F401
