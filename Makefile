@@ -7,7 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the test suite drives: dcmtk (real DICOM peers), PostgreSQL (index tests),
-# dicom3tools (dciodvfy checks de-identified objects against their IOD).
+# dicom3tools (dciodvfy checks de-identified objects against their IOD), Orthanc (the peer the
+# interoperability tests and benchmarks use), chromium and fonts-noto-cjk (the viewer's browser
+# tests drive Debian's headless Chromium through Playwright; Chinese labels need the CJK fonts).
 
 .PHONY: setup run test system-deps lint bench clean
 
@@ -30,6 +32,8 @@ system-deps:
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
 	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	test -e /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc || missing="$$missing fonts-noto-cjk"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "run as root, or install:$$missing" >&2; exit 1; fi; \

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapped, mapped_column
 
-from storage.index import Base, utcnow
+from storage.index import Base, Index, utcnow
 
 ROLES = ("admin", "specialist", "partner")
 CONSULTATION_STATUSES = ("requested", "images_complete", "in_review", "answered")
@@ -137,3 +138,139 @@ class ConsultationSpecialist(Base):
     __tablename__ = "consultation_specialist"
     consultation_id: Mapped[int] = mapped_column(ForeignKey("consultation.id"), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"), primary_key=True, index=True)
+
+
+# -- reads and writes ------------------------------------------------------------------------------
+class UserExists(ValueError):
+    pass
+
+
+class Accounts:
+    """Reads and writes of accounts, sessions and tokens, over the index's engine."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    # users
+    def add_user(
+        self,
+        name: str,
+        role: str,
+        password_hash: str,
+        *,
+        partner_id: int | None = None,
+        display_name: str | None = None,
+        all_studies: bool = False,
+    ) -> User:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        if (role == "partner") != (partner_id is not None):
+            raise ValueError("a partner user needs its partner, and only a partner user has one")
+        try:
+            with self.index.write() as s:
+                user = User(
+                    name=name,
+                    role=role,
+                    password_hash=password_hash,
+                    partner_id=partner_id,
+                    display_name=display_name,
+                    all_studies=all_studies,
+                    active=True,
+                    failed_logins=0,
+                )
+                s.add(user)
+                s.flush()
+                return user
+        except sa_exc.IntegrityError as e:
+            raise UserExists(f"a user named {name!r} exists") from e
+
+    def user_by_name(self, name: str) -> User | None:
+        with self.index.read() as s:
+            return s.scalar(select(User).where(User.name == name))
+
+    def user_by_id(self, user_id: int) -> User | None:
+        with self.index.read() as s:
+            return s.get(User, user_id)
+
+    def users(self) -> list[User]:
+        with self.index.read() as s:
+            return list(s.scalars(select(User).order_by(User.name)))
+
+    def update_user(self, user_id: int, **values: object) -> None:
+        with self.index.write() as s:
+            s.execute(update(User).where(User.id == user_id).values(**values))
+
+    # browser sessions
+    def add_session(self, user_id: int, secret_hash: str, csrf_token: str, address: str | None, expires_at: dt.datetime) -> None:
+        with self.index.write() as s:
+            s.add(
+                WebSession(
+                    user_id=user_id,
+                    secret_hash=secret_hash,
+                    csrf_token=csrf_token,
+                    address=address,
+                    expires_at=expires_at,
+                )
+            )
+
+    def session(self, secret_hash: str) -> tuple[WebSession, User] | None:
+        """The live session with this secret and its active user, or None."""
+        now = utcnow()
+        with self.index.read() as s:
+            row = s.execute(
+                select(WebSession, User)
+                .join(User, User.id == WebSession.user_id)
+                .where(
+                    WebSession.secret_hash == secret_hash,
+                    WebSession.revoked_at.is_(None),
+                    WebSession.expires_at > now,
+                    User.active.is_(True),
+                )
+            ).first()
+        return (row[0], row[1]) if row else None
+
+    def revoke_session(self, secret_hash: str) -> None:
+        with self.index.write() as s:
+            s.execute(update(WebSession).where(WebSession.secret_hash == secret_hash).values(revoked_at=utcnow()))
+
+    def revoke_sessions_of(self, user_id: int) -> None:
+        with self.index.write() as s:
+            s.execute(
+                update(WebSession)
+                .where(WebSession.user_id == user_id, WebSession.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+
+    # API tokens
+    def add_token(self, user_id: int, label: str, secret_hash: str, expires_at: dt.datetime | None) -> int:
+        with self.index.write() as s:
+            tok = ApiToken(user_id=user_id, label=label, secret_hash=secret_hash, expires_at=expires_at)
+            s.add(tok)
+            s.flush()
+            return tok.id
+
+    def token(self, secret_hash: str) -> tuple[ApiToken, User] | None:
+        now = utcnow()
+        with self.index.read() as s:
+            row = s.execute(
+                select(ApiToken, User)
+                .join(User, User.id == ApiToken.user_id)
+                .where(
+                    ApiToken.secret_hash == secret_hash,
+                    ApiToken.revoked_at.is_(None),
+                    (ApiToken.expires_at.is_(None)) | (ApiToken.expires_at > now),
+                    User.active.is_(True),
+                )
+            ).first()
+        return (row[0], row[1]) if row else None
+
+    def revoke_token(self, token_id: int, user_id: int | None = None) -> bool:
+        with self.index.write() as s:
+            q = update(ApiToken).where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+            if user_id is not None:
+                q = q.where(ApiToken.user_id == user_id)
+            return s.execute(q.values(revoked_at=utcnow())).rowcount > 0
+
+    def tokens_of(self, user_id: int) -> list[ApiToken]:
+        with self.index.read() as s:
+            return list(s.scalars(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.id)))

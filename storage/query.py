@@ -46,6 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import Select
 
+from storage.access import ConsultationSpecialist, ConsultationStudy
 from storage.index import Index, Instance, Patient, Series, Study
 
 
@@ -60,12 +61,15 @@ class Level(StrEnum):
 
 @dataclass(frozen=True)
 class Scope:
-    """Whose studies a query may see.
+    """Whose studies a query may see; every given restriction applies.
 
-    ``partner_id`` None: every partner's studies (operator, loopback); otherwise only the studies
-    that partner sent."""
+    ``partner_id``: only the studies that partner sent (a partner over DIMSE, a partner's users);
+    ``specialist_id``: only the studies of consultations assigned to that user;
+    ``study_id``: only that one study (a share link). All None: every study (admins)."""
 
     partner_id: int | None
+    specialist_id: int | None = None
+    study_id: int | None = None
 
 
 class QueryError(ValueError):
@@ -460,6 +464,18 @@ def search(
 def _scoped(q: Select, scope: Scope) -> Select:
     if scope.partner_id is not None:
         q = q.where(Study.partner_id == scope.partner_id)
+    if scope.study_id is not None:
+        q = q.where(Study.id == scope.study_id)
+    if scope.specialist_id is not None:
+        assigned = (
+            select(ConsultationStudy.study_id)
+            .join(
+                ConsultationSpecialist,
+                ConsultationSpecialist.consultation_id == ConsultationStudy.consultation_id,
+            )
+            .where(ConsultationSpecialist.user_id == scope.specialist_id)
+        )
+        q = q.where(Study.id.in_(assigned))
     return q
 
 

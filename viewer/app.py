@@ -14,6 +14,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from imx.ingest import Archive
+from storage.access import Accounts
+from viewer.auth import Auth
 
 log = logging.getLogger("imx.http")
 
@@ -44,6 +46,8 @@ async def loopback_only(request: Request) -> None:
 def create_app(archive: Archive) -> FastAPI:
     app = FastAPI(title="imaging-exchange", version="0.1.0", docs_url=None, redoc_url=None)
     settings = archive.settings
+    auth = Auth(Accounts(archive.index))
+    app.state.auth = auth
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -107,6 +111,10 @@ def create_app(archive: Archive) -> FastAPI:
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict:
         return {"studies": archive.index.list_studies(limit=limit, offset=offset), "limit": limit, "offset": offset}
+
+    from viewer.accounts import accounts_router
+
+    app.include_router(accounts_router(auth))
 
     from viewer.previews import router as previews_router
 
