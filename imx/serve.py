@@ -32,6 +32,7 @@ from imx.logs import event, setup_logging
 log = logging.getLogger("imx.serve")
 
 DEMO_PARTNER = ("DEMO", "DEMOPACS")
+DEMO_USER = "demo"
 
 
 def _die_with_parent() -> None:
@@ -167,14 +168,29 @@ class Supervisor:
                 p.kill()
 
 
-def _banner(settings: Settings, archive: Any) -> str:
+def _demo_user(archive: Any) -> str | None:
+    """Create the demo admin at first start; its generated password is returned to be printed
+    once in the banner and is stored nowhere (only its argon2 hash)."""
+    from storage.access import Accounts
+    from viewer.accounts import generate_password
+    from viewer.auth import hash_password
+
+    accounts = Accounts(archive.index)
+    if accounts.user_by_name(DEMO_USER) is not None:
+        return None
+    password = generate_password()
+    accounts.add_user(DEMO_USER, "admin", hash_password(password), display_name="Demo administrator")
+    return password
+
+
+def _banner(settings: Settings, archive: Any, demo_password: str | None = None) -> str:
     store = archive.store
     where = f"S3 bucket {settings.s3_bucket} at {settings.s3_endpoint}" if store.name == "s3" else f"filesystem ({settings.objects_dir})"
     lines = [
         "imaging-exchange is running",
         f"  data folder   {settings.data_dir}",
         f"  DICOM node    AE title {settings.ae_title} on {settings.host}:{settings.dicom_port} ({settings.effective_workers} receiver processes)",
-        f"  HTTP          http://{settings.host}:{settings.http_port}/  (/healthz, /metrics, /api/studies, /dicomweb)",
+        f"  HTTP          http://{settings.host}:{settings.http_port}/  (log in there; DICOMweb at /dicomweb)",
         f"  object store  {where}",
         f"  index         {_redact_url(settings.effective_database_url)}",
     ]
@@ -185,7 +201,15 @@ def _banner(settings: Settings, archive: Any) -> str:
             f"  storescu -aet {demo.ae_title} -aec {settings.ae_title} {settings.host} {settings.dicom_port} FILE...",
             f"  imx send {settings.host} {settings.dicom_port} FOLDER --aet {demo.ae_title} --aec {settings.ae_title}",
         ]
+    from storage.access import Accounts
+
+    demo_user = Accounts(archive.index).user_by_name(DEMO_USER)
+    if demo_password is not None:
+        lines.append(f"Demo user {DEMO_USER} (admin), password {demo_password} (shown only now; reset: imx user password {DEMO_USER})")
+    elif demo_user is not None and demo_user.active:
+        lines.append(f"Demo user {DEMO_USER} (admin) exists; reset its password with: imx user password {DEMO_USER}")
     lines.append("Register a hospital: imx partner add NAME --ae AE_TITLE [--host ADDRESS_OR_CIDR]")
+    lines.append("Add a user: imx user add NAME --role admin|specialist|partner [--partner NAME]")
     return "\n".join(lines)
 
 
@@ -206,9 +230,12 @@ def serve(settings: Settings) -> int:
         print(f"imx: the index at {_redact_url(settings.effective_database_url)} cannot be opened or migrated: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     marker = settings.data_dir / ".initialized"
+    demo_password: str | None = None
     if not marker.exists():
         if settings.demo and archive.index.partner_by_name(DEMO_PARTNER[0]) is None:
             archive.index.add_partner(DEMO_PARTNER[0], DEMO_PARTNER[1], [])
+        if settings.demo:
+            demo_password = _demo_user(archive)
         marker.write_text("imaging-exchange data folder\n")
     try:
         archive.store.check()
@@ -290,7 +317,8 @@ def serve(settings: Settings) -> int:
     drain_thread = threading.Thread(target=drainer, name="imx-spool-drainer", daemon=True)
     drain_thread.start()
 
-    print(_banner(settings, archive), flush=True)
+    print(_banner(settings, archive, demo_password), flush=True)
+    demo_password = None
     event(
         log,
         "ready",

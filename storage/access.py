@@ -14,7 +14,7 @@ from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, sel
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapped, mapped_column
 
-from storage.index import Base, Index, utcnow
+from storage.index import Base, Index, Study, utcnow
 
 ROLES = ("admin", "specialist", "partner")
 CONSULTATION_STATUSES = ("requested", "images_complete", "in_review", "answered")
@@ -274,3 +274,113 @@ class Accounts:
     def tokens_of(self, user_id: int) -> list[ApiToken]:
         with self.index.read() as s:
             return list(s.scalars(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.id)))
+
+    # the audit log (append-only: rows are only ever inserted)
+    def add_audit(
+        self,
+        action: str,
+        *,
+        user_id: int | None,
+        username: str | None,
+        address: str | None,
+        target_kind: str | None = None,
+        target: str | None = None,
+        outcome: str = "ok",
+        detail: str | None = None,
+    ) -> None:
+        with self.index.write() as s:
+            s.add(
+                AuditEvent(
+                    at=utcnow(),
+                    user_id=user_id,
+                    username=username[:64] if username else username,
+                    action=action[:48],
+                    target_kind=target_kind[:32] if target_kind else target_kind,
+                    target=target[:128] if target else target,
+                    address=address[:64] if address else address,
+                    outcome=outcome[:16],
+                    detail=detail,
+                )
+            )
+
+    def audit_events(
+        self,
+        *,
+        limit: int | None = 100,
+        before: int | None = None,
+        username: str | None = None,
+        action: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+    ) -> list[AuditEvent]:
+        """Audit rows, newest first; ``before`` is an event id (paging backwards)."""
+        q = select(AuditEvent).order_by(AuditEvent.id.desc())
+        if before is not None:
+            q = q.where(AuditEvent.id < before)
+        if username:
+            q = q.where(AuditEvent.username == username)
+        if action:
+            q = q.where(AuditEvent.action == action)
+        if since is not None:
+            q = q.where(AuditEvent.at >= since)
+        if until is not None:
+            q = q.where(AuditEvent.at < until)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.index.read() as s:
+            return list(s.scalars(q))
+
+    # share links
+    def add_share(self, secret_hash: str, study_id: int, created_by: int, expires_at: dt.datetime) -> int:
+        with self.index.write() as s:
+            link = ShareLink(secret_hash=secret_hash, study_id=study_id, created_by=created_by, expires_at=expires_at)
+            s.add(link)
+            s.flush()
+            return link.id
+
+    def share(self, secret_hash: str) -> tuple[ShareLink, str] | None:
+        """The live (unexpired, unrevoked) share link with this secret and its study's UID."""
+        now = utcnow()
+        with self.index.read() as s:
+            row = s.execute(
+                select(ShareLink, Study.study_uid)
+                .join(Study, Study.id == ShareLink.study_id)
+                .where(
+                    ShareLink.secret_hash == secret_hash,
+                    ShareLink.revoked_at.is_(None),
+                    ShareLink.expires_at > now,
+                )
+            ).first()
+        return (row[0], row[1]) if row else None
+
+    def share_by_id(self, share_id: int) -> ShareLink | None:
+        with self.index.read() as s:
+            return s.get(ShareLink, share_id)
+
+    def revoke_share(self, share_id: int) -> bool:
+        with self.index.write() as s:
+            q = update(ShareLink).where(ShareLink.id == share_id, ShareLink.revoked_at.is_(None))
+            return s.execute(q.values(revoked_at=utcnow())).rowcount > 0
+
+    def shares(self, *, created_by: int | None = None, study_id: int | None = None) -> list[tuple[ShareLink, str]]:
+        """Share links (newest first) with their study's UID, optionally of one creator or study."""
+        q = select(ShareLink, Study.study_uid).join(Study, Study.id == ShareLink.study_id).order_by(ShareLink.id.desc())
+        if created_by is not None:
+            q = q.where(ShareLink.created_by == created_by)
+        if study_id is not None:
+            q = q.where(ShareLink.study_id == study_id)
+        with self.index.read() as s:
+            return [(row[0], row[1]) for row in s.execute(q.limit(1000))]
+
+    def revoke_tokens_of(self, user_id: int) -> int:
+        with self.index.write() as s:
+            q = update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+            return s.execute(q.values(revoked_at=utcnow())).rowcount
+
+    def touch_token(self, token_id: int) -> None:
+        with self.index.write() as s:
+            s.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=utcnow()))
+
+    def study_id_of(self, study_uid: str) -> int | None:
+        with self.index.read() as s:
+            return s.scalar(select(Study.id).where(Study.study_uid == study_uid))

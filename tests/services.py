@@ -151,7 +151,14 @@ def start_moto() -> MotoServer:
 
 # -- imx serve ----------------------------------------------------------------------------------
 class ImxServer:
-    """``imx serve`` as a user runs it, in its own process group, on free ports."""
+    """``imx serve`` as a user runs it, in its own process group, on free ports.
+
+    At its first start it gets an admin user (``imx user add``, password on stdin) and an API
+    token for it (``imx user token``): ``http_get`` and ``studies`` send the token, and
+    ``auth_headers()`` gives the header for other clients (dicomweb-client, requests, Orthanc)."""
+
+    ADMIN_NAME = "tests-admin"
+    ADMIN_PASSWORD = "tests-admin-password"
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, workers: int = 2) -> None:
         self.data_dir = data_dir
@@ -161,6 +168,7 @@ class ImxServer:
         self.extra_env = dict(env or {})
         self.workers = workers
         self.proc: subprocess.Popen | None = None
+        self.admin_token: str | None = None
         self.log_path = data_dir.parent / f"imx-serve-{self.dicom_port}.log"
 
     def env(self) -> dict[str, str]:
@@ -181,6 +189,7 @@ class ImxServer:
 
     def start(self, timeout: float = 90.0) -> None:
         self.log = open(self.log_path, "ab")
+        offset = self.log.tell()  # a restart appends: wait for this run's banner, not the last one's
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "imx"), "serve"],
             env=self.env(),
@@ -193,12 +202,32 @@ class ImxServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"imx serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if self.http_get("/healthz")[0] in (200, 503) and b"imaging-exchange is running" in self.log_path.read_bytes():
+                if self.http_get("/healthz")[0] in (200, 503) and b"imaging-exchange is running" in self.log_path.read_bytes()[offset:]:
+                    self._ensure_admin()
                     return
             except OSError:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"imx serve not ready after {timeout} s:\n{self.output()}")
+
+    def _ensure_admin(self) -> None:
+        if self.admin_token is not None:
+            return
+        add = self.imx("user", "add", self.ADMIN_NAME, "--role", "admin", input=self.ADMIN_PASSWORD + "\n")
+        assert add.returncode == 0 or "exists" in add.stderr, add.stderr
+        token = self.imx("user", "token", self.ADMIN_NAME, "--label", "tests")
+        assert token.returncode == 0, token.stderr
+        self.admin_token = token.stdout.strip()
+
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header of the tests' admin (a Bearer API token)."""
+        assert self.admin_token is not None, "start the server first"
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    @property
+    def basic_auth(self) -> tuple[str, str]:
+        """(name, password) of the tests' admin, for HTTP Basic."""
+        return self.ADMIN_NAME, self.ADMIN_PASSWORD
 
     def output(self) -> str:
         try:
@@ -206,9 +235,13 @@ class ImxServer:
         except FileNotFoundError:
             return ""
 
-    def http_get(self, path: str) -> tuple[int, bytes]:
+    def http_get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """GET as the tests' admin (once it exists), or with the given headers instead."""
+        if headers is None:
+            headers = self.auth_headers() if self.admin_token else {}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", headers=headers)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

@@ -1,4 +1,4 @@
-"""The HTTP app: health, metrics and the pseudonymous study list, loopback only for now."""
+"""The HTTP app: health, metrics and the pseudonymous study list (admins only, with credentials)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from authn import bearer
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
@@ -27,8 +28,11 @@ def archive(tmp_path: Path) -> Archive:
     a.close()
 
 
-def client(archive: Archive, host: str = "127.0.0.1") -> TestClient:
-    return TestClient(create_app(archive), client=(host, 40000))
+def client(archive: Archive, host: str = "127.0.0.1", authenticated: bool = True) -> TestClient:
+    c = TestClient(create_app(archive), client=(host, 40000))
+    if authenticated:
+        c.headers.update(bearer(archive.index))
+    return c
 
 
 def test_studies_are_listed_with_pseudonymous_fields_only(archive: Archive) -> None:
@@ -47,11 +51,12 @@ def test_studies_are_listed_with_pseudonymous_fields_only(archive: Archive) -> N
     assert client(archive).get("/api/studies?limit=0").status_code == 422
 
 
-def test_only_loopback_may_list_until_accounts_exist(archive: Archive) -> None:
-    r = client(archive, "203.0.113.9").get("/api/studies")
-    assert r.status_code == 403
-    assert "only on this machine" in r.json()["detail"]
-    assert client(archive, "::1").get("/api/studies").status_code == 200
+def test_the_study_list_needs_credentials_from_any_host(archive: Archive) -> None:
+    for host in ("127.0.0.1", "203.0.113.9"):
+        r = client(archive, host, authenticated=False).get("/api/studies")
+        assert r.status_code == 401
+        assert "Bearer" in r.headers["www-authenticate"]
+    assert client(archive, "203.0.113.9").get("/api/studies").status_code == 200
 
 
 def test_health_and_metrics(archive: Archive) -> None:
@@ -70,14 +75,16 @@ def test_health_reports_an_unreachable_index(archive: Archive) -> None:
     archive.index.engine.dispose()
     (archive.settings.data_dir / "index.sqlite3").unlink()
     archive.settings.data_dir.joinpath("index.sqlite3").mkdir()  # now it cannot be opened
-    h = client(archive).get("/healthz")
+    h = client(archive, authenticated=False).get("/healthz")
     assert h.status_code == 503
     assert h.json()["checks"]["index"].startswith("unreachable")
 
 
-def test_private_metrics_answer_loopback_only(archive: Archive) -> None:
+def test_private_metrics_answer_loopback_or_an_admin_only(archive: Archive) -> None:
     archive.settings.metrics_public = False
-    assert client(archive, "203.0.113.7").get("/metrics").status_code == 403
-    assert client(archive).get("/metrics").status_code == 200
+    assert client(archive, "203.0.113.7", authenticated=False).get("/metrics").status_code == 401
+    assert client(archive, "203.0.113.7").get("/metrics").status_code == 200  # an admin's token
+    assert client(archive, authenticated=False).get("/metrics").status_code == 200
     archive.settings.metrics_public = True
-    assert client(archive, "203.0.113.7").get("/metrics").status_code == 200
+    assert client(archive, "203.0.113.7", authenticated=False).get("/metrics").status_code == 200
+    assert client(archive, "203.0.113.7", authenticated=False).get("/healthz").status_code == 200
