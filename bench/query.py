@@ -15,11 +15,14 @@ What it does:
    of ``--per-study`` instances in 2 series, one partner ("BENCH"), 128x128 16-bit CT/MR objects in
    Explicit VR Little Endian (~33 KiB), two studies per patient, study dates spread over 8 years,
    realistic descriptions. Objects are put in parallel threads (each put fsyncs), rows are added
-   one instance at a time with SQLite's ``synchronous=OFF`` for the generation only. The preview
-   queue is marked done so imx's render workers stay idle during the measurements.
-2. Starts ``imx serve`` on that data folder and Debian's Orthanc with the DICOMweb plugin on a fresh
-   folder (no compression, no fsync), and loads the very same object bytes into Orthanc with
-   ``POST /instances`` (several threads).
+   one instance at a time with SQLite's ``synchronous=OFF`` for the generation only. The rows stay
+   in the preview queue, as after an ack.
+2. Starts ``imx serve`` on that data folder and waits (timed) until its post-ack pipeline has
+   settled every instance: a preview, the series thumbnails and the WADO-RS metadata kept in the
+   index (``--skip-pipeline``: none of it; metadata is then made on request). Starts Debian's
+   Orthanc with the DICOMweb plugin on a fresh folder (no compression, no fsync), and loads the
+   very same object bytes into Orthanc with ``POST /instances`` (several threads): its own ingest
+   processing, timed too. imx is asked with an admin's API token (every route needs a caller).
 3. Measures, on each server, the same requests: QIDO-RS study searches (all studies, first page
    of 100; by PatientID; by PatientName wildcard; by StudyDate range: p50/p95 over ``--repeat``
    requests with varying values), WADO-RS series metadata (p50/p95), WADO-RS series retrieve
@@ -44,6 +47,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -156,8 +160,10 @@ def _template(rows: int) -> Dataset:
     return ds
 
 
-def generate(data_dir: Path, studies: int, per_study: int, rows: int, threads: int) -> list[StudyFacts]:
-    """Write the archive through ``storage.objects`` and ``storage.index``; returns its studies."""
+def generate(data_dir: Path, studies: int, per_study: int, rows: int, threads: int, skip_pipeline: bool = False) -> list[StudyFacts]:
+    """Write the archive through ``storage.objects`` and ``storage.index``; returns its studies.
+    The rows are left in the preview queue (what the post-ack pipeline of ``imx serve`` renders
+    and computes metadata for), unless ``skip_pipeline``."""
     from sqlalchemy import event as sa_event
     from sqlalchemy import text, update
 
@@ -236,11 +242,22 @@ def generate(data_dir: Path, studies: int, per_study: int, rows: int, threads: i
     if pending is not None:
         done += _commit(index, *pending)
     pool.shutdown()
-    with index.write() as sess:  # nothing for the render workers to do while we measure
-        sess.execute(update(Instance).values(preview_status="unrenderable", preview_reason="bench data"))
-        sess.execute(text("SELECT 1"))
+    if skip_pipeline:  # the old way: nothing for the render workers to do, metadata made on request
+        with index.write() as sess:
+            sess.execute(update(Instance).values(preview_status="unrenderable", preview_reason="bench data"))
+            sess.execute(text("SELECT 1"))
     index.close()
     return facts
+
+
+def facts_of(studies: int, per_study: int) -> list[StudyFacts]:
+    """The studies ``generate`` writes for these arguments (UIDs, patients and dates are derived
+    from the study number), for measuring again on a kept archive (``--reuse``)."""
+    out = []
+    for s in range(studies):
+        date = time.strftime("%Y%m%d", time.gmtime(1420070400 + (s * 7919 % 2920) * 86400))
+        out.append(StudyFacts(_uid(s), f"BENCH-{s // 2:06X}", date, [_uid(s, se) for se in range(2)]))
+    return out
 
 
 def _commit(index: object, puts: list[concurrent.futures.Future], records: list) -> int:
@@ -262,6 +279,7 @@ class Server:
     def __init__(self) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
+        self.headers: dict[str, str] = {}  # sent with every HTTP request (imx: an API token)
 
     def url(self, path: str) -> str:
         return f"http://{HOST}:{self.http_port}{self.qido_root}{path}"
@@ -270,17 +288,58 @@ class Server:
 class Imx(Server):
     name, aet, qido_root = "imx", "IMX", "/dicomweb"
 
-    def __init__(self, data_dir: Path, venv: Path) -> None:
+    def __init__(self, data_dir: Path, venv: Path, preview_workers: int = 0) -> None:
         super().__init__()
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMX_")}
         env.update(
             IMX_DATA_DIR=str(data_dir), IMX_DICOM_PORT=str(self.dicom_port), IMX_HTTP_PORT=str(self.http_port),
             IMX_HOST=HOST, IMX_AE_TITLE=self.aet, TCP_NODELAY="1",
         )
+        if preview_workers:
+            env["IMX_PREVIEW_WORKERS"] = str(preview_workers)
+        self.data_dir = data_dir
         self.log = open(data_dir.parent / "imx.log", "ab")
         self.proc = subprocess.Popen([str(venv / "bin" / "imx"), "serve"], env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"http://{HOST}:{self.http_port}/healthz", self.proc, 120)
         _wait_port(self.dicom_port, self.proc)
+        # every route but /healthz needs a caller: an admin's API token, as a client would send
+        run = {"env": env, "capture_output": True, "text": True, "timeout": 120}
+        imx = str(venv / "bin" / "imx")
+        add = subprocess.run([imx, "user", "add", "bench", "--role", "admin"], input="bench-password\n", **run)
+        if add.returncode != 0 and "exists" not in add.stderr:
+            raise RuntimeError(f"imx user add failed: {add.stderr}")
+        tok = subprocess.run([imx, "user", "token", "bench"], **run)
+        if tok.returncode != 0:
+            raise RuntimeError(f"imx user token failed: {tok.stderr}")
+        self.headers = {"Authorization": f"Bearer {tok.stdout.strip()}"}
+
+    def queue(self) -> tuple[int, int, int]:
+        """(instances, instances the post-ack pipeline has not settled yet, metadata rows kept),
+        read from the index (read-only)."""
+        db = sqlite3.connect(f"file:{self.data_dir / 'index.sqlite3'}?mode=ro", uri=True, timeout=30)
+        try:
+            total = db.execute("SELECT count(*) FROM instance").fetchone()[0]
+            waiting = db.execute("SELECT count(*) FROM instance WHERE preview_status IS NULL AND quarantine IS NULL").fetchone()[0]
+            kept = db.execute("SELECT count(*) FROM instance_metadata").fetchone()[0]
+            return total, waiting, kept
+        finally:
+            db.close()
+
+    def drain(self, started: float, timeout: float) -> float:
+        """Wait until the post-ack pipeline (previews, thumbnails, metadata) has settled every
+        instance; returns the seconds since ``started``."""
+        deadline = time.monotonic() + timeout
+        last = 0.0
+        while time.monotonic() < deadline:
+            total, waiting, kept = self.queue()
+            if not waiting:
+                return time.perf_counter() - started
+            if time.monotonic() - last > 30:
+                done = total - waiting
+                log(f"  imx pipeline: {done:,} of {total:,} settled, {kept:,} metadata kept ({done / (time.perf_counter() - started):,.0f}/s)")
+                last = time.monotonic()
+            time.sleep(1)
+        raise TimeoutError("the post-ack pipeline did not settle in time")
 
 
 class Orthanc(Server):
@@ -349,8 +408,8 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
 # ---------------------------------------------------------------------------------------------
 # measurements
 # ---------------------------------------------------------------------------------------------
-def http_get(url: str, accept: str = "application/dicom+json") -> bytes:
-    req = urllib.request.Request(url, headers={"Accept": accept})
+def http_get(url: str, accept: str = "application/dicom+json", headers: dict[str, str] | None = None) -> bytes:
+    req = urllib.request.Request(url, headers={"Accept": accept, **(headers or {})})
     with urllib.request.urlopen(req, timeout=300) as r:
         return r.read()
 
@@ -407,7 +466,7 @@ def measure(server: Server, facts: list[StudyFacts], repeat: int, n_series: int,
     def qido(params: Callable[[], dict[str, str]], expect_some: bool = True) -> Callable[[], object]:
         def run() -> None:
             # '*' unencoded: Orthanc 1.10's DICOMweb plugin does not decode %2A (it then matches nothing)
-            body = http_get(server.url("/studies?" + urllib.parse.urlencode(params(), safe="*")))
+            body = http_get(server.url("/studies?" + urllib.parse.urlencode(params(), safe="*")), headers=server.headers)
             if expect_some and not json.loads(body or b"[]"):
                 raise RuntimeError(f"{server.name}: a QIDO-RS search that should match found nothing")
 
@@ -424,7 +483,7 @@ def measure(server: Server, facts: list[StudyFacts], repeat: int, n_series: int,
 
     def metadata() -> None:
         st = studies()
-        body = http_get(server.url(f"/studies/{st.uid}/series/{rnd.choice(st.series)}/metadata"))
+        body = http_get(server.url(f"/studies/{st.uid}/series/{rnd.choice(st.series)}/metadata"), headers=server.headers)
         if not json.loads(body):
             raise RuntimeError(f"{server.name}: empty series metadata")
 
@@ -435,7 +494,7 @@ def measure(server: Server, facts: list[StudyFacts], repeat: int, n_series: int,
         st = studies()
         url = server.url(f"/studies/{st.uid}/series/{rnd.choice(st.series)}")
         t0 = time.perf_counter()
-        total += len(http_get(url, accept='multipart/related; type="application/dicom"'))
+        total += len(http_get(url, accept='multipart/related; type="application/dicom"', headers=server.headers))
         seconds += time.perf_counter() - t0
     fig.mbps = total / seconds / 1e6
 
@@ -450,6 +509,11 @@ def report(name: str, fig: Figures) -> None:
     log(f"  {name:<8} {'wado-rs series retrieve':<24} {fig.mbps:8.1f} MB/s")
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--studies", type=int, default=1000)
@@ -459,37 +523,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--series", type=int, default=20, help="series retrieved for the MB/s figure")
     ap.add_argument("--threads", type=int, default=8, help="threads writing objects / loading Orthanc")
     ap.add_argument("--only", choices=("imx", "orthanc"))
+    ap.add_argument("--preview-workers", type=int, default=0, help="IMX_PREVIEW_WORKERS (0: imx's default)")
+    ap.add_argument("--skip-pipeline", action="store_true", help="mark the rows settled: no post-ack work, metadata made on request")
     ap.add_argument("--tmp", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--reuse", type=Path, help="a folder kept by --keep: measure again on its archive (same --studies/--per-study)")
     ap.add_argument("--venv", type=Path, default=REPO / ".venv")
     args = ap.parse_args(argv)
 
     if args.only != "imx" and (shutil.which("Orthanc") is None or not Path(ORTHANC_DICOMWEB).exists()):
         print("Orthanc and its DICOMweb plugin are needed: apt-get install -y orthanc orthanc-dicomweb", file=sys.stderr)
         return 2
-    scratch = Path(tempfile.mkdtemp(prefix="imx-bench-query-", dir=args.tmp))
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the servers and clean up on kill, too
+    scratch = args.reuse or Path(tempfile.mkdtemp(prefix="imx-bench-query-", dir=args.tmp))
     servers: list[Server] = []
     try:
         n = args.studies * (args.per_study // 2) * 2
-        log(f"load average {os.getloadavg()[0]:.2f}; generating {args.studies:,} studies, {n:,} instances in {scratch}")
-        t0 = time.perf_counter()
-        facts = generate(scratch / "imx" / "data", args.studies, args.per_study, args.rows, args.threads)
-        log(f"  generated in {time.perf_counter() - t0:.0f} s")
+        if args.reuse:
+            log(f"load average {os.getloadavg()[0]:.2f}; measuring again on {scratch} ({n:,} instances)")
+            facts = facts_of(args.studies, args.per_study)
+            shutil.rmtree(scratch / "orthanc", ignore_errors=True)
+        else:
+            log(f"load average {os.getloadavg()[0]:.2f}; generating {args.studies:,} studies, {n:,} instances in {scratch}")
+            t0 = time.perf_counter()
+            facts = generate(scratch / "imx" / "data", args.studies, args.per_study, args.rows, args.threads, args.skip_pipeline)
+            log(f"  generated in {time.perf_counter() - t0:.0f} s")
         results: dict[str, Figures] = {}
+        ingest_notes: list[str] = []
         kinds = [k for k in ("imx", "orthanc") if args.only in (None, k)]
         for kind in kinds:
             if kind == "imx":
-                server: Server = Imx(scratch / "imx" / "data", args.venv)
+                started = time.perf_counter()
+                server: Server = Imx(scratch / "imx" / "data", args.venv, args.preview_workers)
+                if not args.skip_pipeline:
+                    seconds = server.drain(started, timeout=6 * 3600)  # type: ignore[attr-defined]
+                    total, _waiting, kept = server.queue()  # type: ignore[attr-defined]
+                    note = f"imx post-ack pipeline (preview, thumbnail, metadata): {total:,} instances in {seconds:.0f} s ({total / seconds:,.0f}/s), {kept:,} metadata kept"
+                    if args.reuse:
+                        note = f"imx post-ack pipeline: what a kept archive still had queued settled in {seconds:.0f} s; {kept:,} metadata kept"
+                    ingest_notes.append(note)
+                    log("  " + note)
             else:
                 server = Orthanc(scratch / "orthanc")
                 objects = sorted((scratch / "imx" / "data" / "objects" / "i").rglob("*.dcm"))
                 rate = server.load(objects, args.threads)
+                ingest_notes.append(f"orthanc POST /instances (its ingest): {len(objects):,} instances at {rate:,.0f}/s")
                 log(f"  orthanc loaded {len(objects):,} instances at {rate:,.0f}/s")
             servers.append(server)
             log(f"measuring {kind}")
             results[kind] = measure(server, facts, args.repeat, args.series, seed=11)
             stop(server.proc)
         log(f"\n{n:,} instances, {args.studies:,} studies, {args.rows}x{args.rows} 16-bit objects; load average {os.getloadavg()[0]:.2f}")
+        for note in ingest_notes:
+            log("  " + note)
         for kind, fig in results.items():
             report(kind, fig)
         if len(results) == 2:
@@ -501,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers:
             stop(s.proc)
-        if args.keep:
+        if args.keep or args.reuse:
             log(f"kept {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -83,6 +83,22 @@ class ImxRender(ingest_bench.Imx):
         finally:
             db.close()
 
+    def tree(self) -> list[tuple[str, str, str]]:
+        """(SOP instance UID, study UID, series UID) of every instance, as imx holds them."""
+        db = sqlite3.connect(
+            f"file:{self.workdir / 'data' / 'index.sqlite3'}?mode=ro", uri=True, timeout=30
+        )
+        try:
+            return list(
+                db.execute(
+                    "SELECT i.sop_uid, st.study_uid, se.series_uid FROM instance i"
+                    " JOIN series se ON se.id = i.series_id JOIN study st ON st.id = se.study_id"
+                    " ORDER BY i.id"
+                )
+            )
+        finally:
+            db.close()
+
     def uids(self) -> tuple[list[str], list[str]]:
         """(SOP instance UIDs, series UIDs) as imx holds them (pseudonymous)."""
         db = sqlite3.connect(
@@ -113,16 +129,17 @@ class OrthancRender(ingest_bench.Orthanc):
 
 
 class Client:
-    """One keep-alive HTTP/1.1 connection."""
+    """One keep-alive HTTP/1.1 connection; ``headers`` go with every request (imx: a token)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, headers: dict[str, str] | None = None) -> None:
         self.port = port
+        self.headers = dict(headers or {})
         self.conn = http.client.HTTPConnection(HOST, port, timeout=120)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
         for attempt in range(2):
             try:
-                self.conn.request("GET", path, headers=headers or {})
+                self.conn.request("GET", path, headers={**self.headers, **(headers or {})})
                 r = self.conn.getresponse()
                 return r.status, r.getheader("Content-Type", ""), r.read()
             except (http.client.HTTPException, ConnectionError):
@@ -186,6 +203,38 @@ def measure(name: str, client: Client, paths: list[str], expect: str, warmup: in
     return Figure(name, times, errors, total)
 
 
+def measure_pairs(
+    names: tuple[str, str],
+    client: Client,
+    pairs: list[tuple[str, str]],
+    expect: str,
+    warmup: int = 5,
+) -> tuple[Figure, Figure]:
+    """For each instance, two requests in a row: its first render (cold: nothing of it was
+    parsed for an on-demand render before) and then another window of the same instance (warm,
+    as when a viewer adjusts the window). One figure each."""
+    for a, b in pairs[:warmup]:
+        client.get(a)
+        client.get(b)
+    out = []
+    for which in (0, 1):
+        out.append(Figure(names[which], [], 0, 0))
+    for pair in pairs[warmup:]:
+        for which, path in enumerate(pair):
+            fig = out[which]
+            t0 = time.perf_counter()
+            status, ctype, body = client.get(path)
+            dt = time.perf_counter() - t0
+            if status != 200 or not ctype.startswith(expect):
+                fig.errors += 1
+                if fig.errors == 1:
+                    log(f"  {fig.name}: GET {path} -> HTTP {status} {ctype} {body[:200]!r}")
+                continue
+            fig.times.append(dt)
+            fig.bytes += len(body)
+    return out[0], out[1]
+
+
 def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -236,7 +285,7 @@ def run_imx(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> di
             f"imx: background previews of {server.pending()[0]} instances done {time.perf_counter() - t0:.1f} s after the send"
         )
         sops, series = server.uids()
-        c = Client(server.http_port)
+        c = Client(server.http_port, {"Authorization": f"Bearer {server._token()}"})
         thumbs = [f"/api/series/{s}/thumbnail" for s in series]
         thumbs = (thumbs * (-(-len(sops) // max(1, len(thumbs)))))[
             : len(sops)
@@ -248,17 +297,32 @@ def run_imx(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> di
             [f"/api/instances/{u}/rendered" for u in sops],
             "image/jpeg",
         )
+        figures["jpeg"], figures["jpeg_warm"] = measure_pairs(
+            ("imx rendered JPEG (on demand, cold)", "imx JPEG, another window (warm)"),
+            c,
+            [
+                (
+                    f"/api/instances/{u}/rendered?format=jpeg",
+                    f"/api/instances/{u}/rendered?format=jpeg&window=40,400",
+                )
+                for u in sops
+            ],
+            "image/jpeg",
+        )
+        figures["dw_jpeg"] = measure(
+            "imx DICOMweb /rendered JPEG",
+            c,
+            [
+                f"/dicomweb/studies/{st}/series/{se}/instances/{u}/rendered"
+                for u, st, se in server.tree()
+            ],
+            "image/jpeg",
+        )
         figures["png"] = measure(
             "imx rendered PNG (on demand)",
             c,
             [f"/api/instances/{u}/rendered?format=png" for u in sops],
             "image/png",
-        )
-        figures["jpeg"] = measure(
-            "imx rendered JPEG (on demand)",
-            c,
-            [f"/api/instances/{u}/rendered?format=jpeg" for u in sops],
-            "image/jpeg",
         )
     finally:
         server.stop()
@@ -277,14 +341,17 @@ def run_orthanc(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -
         wait_for("orthanc instances", lambda: server.count() >= n, 60)
         targets = orthanc_targets(c)
         dw = [f"/dicom-web/studies/{st}/series/{se}/instances/{sop}" for _, st, se, sop in targets]
+        figures["jpeg"], figures["jpeg_warm"] = measure_pairs(
+            ("orthanc DICOMweb /rendered JPEG", "orthanc /rendered, another window"),
+            c,
+            [(f"{p}/rendered", f"{p}/rendered?window=40,400,linear") for p in dw],
+            "image/jpeg",
+        )
         figures["png"] = measure(
             "orthanc /instances/{id}/preview PNG",
             c,
             [f"/instances/{i}/preview" for i, *_ in targets],
             "image/png",
-        )
-        figures["jpeg"] = measure(
-            "orthanc DICOMweb /rendered JPEG", c, [f"{p}/rendered" for p in dw], "image/jpeg"
         )
         status, _, _ = c.get(f"{dw[0]}/thumbnail")
         if status == 200:
@@ -371,9 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     if "thumb" in orth:
         log(f"imx/orthanc thumbnail p50: {ratio('thumb', 'thumb')}")
     log(
-        f"imx/orthanc p50: PNG {ratio('png', 'png')}, JPEG {ratio('jpeg', 'jpeg')} "
-        f"(imx png {imx['png'].p50:.1f} ms, jpeg {imx['jpeg'].p50:.1f} ms; "
-        f"orthanc preview {orth['png'].p50:.1f} ms, rendered {orth['jpeg'].p50:.1f} ms)"
+        f"imx/orthanc p50: PNG {ratio('png', 'png')}, JPEG {ratio('jpeg', 'jpeg')}, "
+        f"JPEG another window {ratio('jpeg_warm', 'jpeg_warm')}, DICOMweb JPEG {ratio('dw_jpeg', 'jpeg')} "
+        f"(imx png {imx['png'].p50:.1f} ms, jpeg {imx['jpeg'].p50:.1f} ms, warm {imx['jpeg_warm'].p50:.1f} ms, "
+        f"dicomweb {imx['dw_jpeg'].p50:.1f} ms; orthanc preview {orth['png'].p50:.1f} ms, "
+        f"rendered {orth['jpeg'].p50:.1f} ms, warm {orth['jpeg_warm'].p50:.1f} ms)"
     )
     return 0
 

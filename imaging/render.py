@@ -298,7 +298,9 @@ def _decode(ds: Dataset, frame: int) -> tuple[np.ndarray, _Geometry]:
     else:
         raise RenderError("the transfer syntax is not a known one")
     try:
-        arr = pixel_array(ds, index=frame - 1)
+        arr = _native_frame(ds, g, ts, frame) if keyword == "PixelData" else None
+        if arr is None:
+            arr = pixel_array(ds, index=frame - 1)
     except MemoryError:
         raise RenderError("the frame is too large to decode") from None
     except Exception as e:  # decoder messages describe the codestream, never the patient
@@ -312,6 +314,26 @@ def _decode(ds: Dataset, frame: int) -> tuple[np.ndarray, _Geometry]:
     if arr.shape != expect:
         raise RenderError(f"the decoded frame has shape {arr.shape}, the header says {expect}")
     return arr, g
+
+
+def _native_frame(ds: Dataset, g: _Geometry, ts: UID, frame: int) -> np.ndarray | None:
+    """One frame of uncompressed little-endian single-sample 8 or 16-bit Pixel Data, read in
+    place: what pydicom's ``pixel_array`` gives (bits above Bits Stored masked off, or the sign
+    extended, PS3.5 8.1.1) without its set-up per call (0.5 ms, a sixth of a render). None for
+    any other layout. The length was checked before (``_check_native``)."""
+    if g.spp != 1 or g.bits_allocated not in (8, 16) or not 1 <= g.bits_stored <= g.bits_allocated:
+        return None
+    if not ts.is_transfer_syntax or ts.is_compressed or not ts.is_little_endian:
+        return None
+    dtype = np.dtype(("<i" if g.signed else "<u") + str(g.bits_allocated // 8))
+    n = g.rows * g.cols
+    arr = np.frombuffer(ds.PixelData, dtype=dtype, count=n, offset=(frame - 1) * n * dtype.itemsize)
+    shift = g.bits_allocated - g.bits_stored
+    if not shift:
+        return arr.reshape(g.rows, g.cols).copy()
+    if g.signed:
+        return ((arr << shift) >> shift).reshape(g.rows, g.cols)
+    return (arr & dtype.type((1 << g.bits_stored) - 1)).reshape(g.rows, g.cols)
 
 
 # pydicom's GDCM plugin refuses 12-bit JPEG Extended, which GDCM itself decodes (its IJG

@@ -196,6 +196,19 @@ class Rendition(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class InstanceMetadata(Base):
+    """An instance's WADO-RS metadata (DICOM JSON, PS3.18 F.2), computed after the ack by the
+    render workers, zlib-compressed, with a placeholder for the base of its BulkDataURIs. Kept
+    apart from ``instance`` so that the rows every search reads stay narrow. ``object_key`` is
+    the object it was computed from: a row of another object (one replaced after masking) is
+    not used."""
+
+    __tablename__ = "instance_metadata"
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id"), primary_key=True, autoincrement=False)
+    object_key: Mapped[str] = mapped_column(String(128))
+    dicom_json: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Identity(Base):
     """One original (patient ID, accession number or study UID) a partner sent, in the vault.
 
@@ -907,13 +920,19 @@ class Index:
             ).all()
         return [self._target(r) for r in rows]
 
-    def set_preview_status(self, instance_id: int, status: str, reason: str | None) -> None:
+    def set_preview_status(
+        self, instance_id: int, status: str, reason: str | None, metadata: tuple[str, bytes] | None = None
+    ) -> None:
+        """Settle an instance's preview ('ok' or 'unrenderable' with the reason); ``metadata``:
+        (object key, packed DICOM JSON) computed by the same job, kept in the same transaction."""
         with self.write_engine.begin() as conn:
             conn.execute(
                 update(Instance)
                 .where(Instance.id == instance_id)
                 .values(preview_status=status, preview_reason=(reason or None) and reason[:200])
             )
+            if metadata is not None:
+                self._upsert_metadata(conn, [(instance_id, *metadata)])
 
     def add_rendition(self, instance_id: int, kind: str, frame: int, object_key: str, media_type: str, size_bytes: int) -> tuple[str, str]:
         """Record a rendition; (object key, media type) of the one recorded, which is an earlier
@@ -930,22 +949,107 @@ class Index:
                 raise
             return found
 
-    def record_preview(self, instance_id: int, frame: int, object_key: str, media_type: str, size_bytes: int) -> tuple[str, str]:
-        """Record a preview rendition and mark the instance rendered ('ok') in one transaction;
-        as ``add_rendition``, returns the one recorded (an earlier one if another writer won)."""
+    def record_preview(
+        self,
+        instance_id: int,
+        frame: int,
+        object_key: str,
+        media_type: str,
+        size_bytes: int,
+        metadata: tuple[str, bytes] | None = None,
+    ) -> tuple[str, str]:
+        """Record a preview rendition and mark the instance rendered ('ok') in one transaction,
+        with the instance's ``metadata`` if given (as ``set_preview_status``); as
+        ``add_rendition``, returns the one recorded (an earlier one if another writer won)."""
         try:
             with self.write_engine.begin() as conn:
                 conn.execute(
                     _rendition_row(instance_id, "preview", frame, object_key, media_type, size_bytes)
                 )
                 conn.execute(update(Instance).where(Instance.id == instance_id).values(preview_status="ok", preview_reason=None))
+                if metadata is not None:
+                    self._upsert_metadata(conn, [(instance_id, *metadata)])
             return object_key, media_type
         except sa_exc.IntegrityError:
             found = self.rendition(instance_id, "preview", frame)
             if found is None:
                 raise
-            self.set_preview_status(instance_id, "ok", None)
+            self.set_preview_status(instance_id, "ok", None, metadata)
             return found
+
+    def settle_previews(
+        self,
+        items: list[tuple[int, str, str | None, tuple[str, str, int] | None, tuple[str, bytes] | None]],
+    ) -> None:
+        """Settle a batch of queued instances in one transaction: for each (instance id, status,
+        reason, its preview of frame 1 as (object key, media type, size) or None, its metadata as
+        in ``set_preview_status`` or None). Raises IntegrityError, recording nothing, if a
+        preview of one of them was recorded meanwhile."""
+        from sqlalchemy import bindparam
+
+        if not items:
+            return
+        now = utcnow()
+        renditions = [
+            {"instance_id": i, "kind": "preview", "frame": 1, "object_key": r[0], "media_type": r[1], "size_bytes": r[2], "created_at": now}
+            for i, _s, _r, r, _m in items
+            if r is not None
+        ]
+        statuses = [{"iid": i, "status": st, "reason": (reason or None) and reason[:200]} for i, st, reason, _r, _m in items]
+        metadata = [(i, *m) for i, _s, _r, _p, m in items if m is not None]
+        with self.write_engine.begin() as conn:
+            if renditions:
+                conn.execute(insert(Rendition), renditions)
+            conn.execute(
+                update(Instance)
+                .where(Instance.id == bindparam("iid"))
+                .values(preview_status=bindparam("status"), preview_reason=bindparam("reason")),
+                statuses,
+            )
+            if metadata:
+                self._upsert_metadata(conn, metadata)
+
+    # -- instance metadata (WADO-RS, PS3.18 10.4.1.1.2) --------------------------------------------
+    # Computed after the ack by the render workers (or on first request for older instances);
+    # kept packed (see imaging/dicomjson.py), keyed by instance and tagged with its object key.
+    METADATA_BATCH = 500  # object keys per SELECT ... IN
+
+    def _upsert_metadata(self, conn: Connection, rows: list[tuple[int, str, bytes]]) -> None:
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        stmt = upsert(InstanceMetadata)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[InstanceMetadata.instance_id],
+            set_={"object_key": stmt.excluded.object_key, "dicom_json": stmt.excluded.dicom_json},
+        )
+        conn.execute(stmt, [{"instance_id": i, "object_key": k, "dicom_json": j} for i, k, j in rows])
+
+    def put_metadata(self, rows: list[tuple[int, str, bytes]]) -> None:
+        """Keep (instance id, object key, packed DICOM JSON) rows, replacing older ones."""
+        if rows:
+            with self.write_engine.begin() as conn:
+                self._upsert_metadata(conn, rows)
+
+    def instance_metadata(self, object_keys: list[str]) -> dict[str, tuple[int, bytes | None]]:
+        """For each object key of an instance: (instance id, its packed DICOM JSON, or None when
+        none is kept for this object yet). One indexed SELECT per METADATA_BATCH keys."""
+        out: dict[str, tuple[int, bytes | None]] = {}
+        with self.engine.connect() as conn:
+            for n in range(0, len(object_keys), self.METADATA_BATCH):
+                chunk = object_keys[n : n + self.METADATA_BATCH]
+                q = (
+                    select(Instance.object_key, Instance.id, InstanceMetadata.dicom_json)
+                    .outerjoin(
+                        InstanceMetadata,
+                        (InstanceMetadata.instance_id == Instance.id) & (InstanceMetadata.object_key == Instance.object_key),
+                    )
+                    .where(Instance.object_key.in_(chunk))
+                )
+                for key, iid, packed in conn.execute(q):
+                    out[str(key)] = (int(iid), bytes(packed) if packed is not None else None)
+        return out
 
     def rendition(self, instance_id: int, kind: str, frame: int) -> tuple[str, str] | None:
         """(object key, media type) of a rendition, or None."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom.data
 import pytest
 import requests
+from authn import bearer
 from dicomfiles import STORESCU_TS_FLAG, expected_uid, make_ct_series, storescu
 from dicomweb_client.api import DICOMwebClient
 from fastapi.testclient import TestClient
@@ -33,6 +34,7 @@ from storage.query import Scope, instances
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 pytestmark = pytest.mark.peer
+web = requests.Session()  # the tests' admin: the archive fixture sets its Authorization header
 
 
 def renamed(src: str, folder: Path, study: str, name: str, patient: str, patient_id: str, rle: bool = False) -> Path:
@@ -78,7 +80,8 @@ class Archive:
         return dcmread(io.BytesIO(self.stored_bytes(sop)))
 
     def client(self, **kw: object) -> DICOMwebClient:
-        return DICOMwebClient(url=self.url, **kw)
+        headers = {**self.server.auth_headers(), **kw.pop("headers", {})}  # type: ignore[dict-item]
+        return DICOMwebClient(url=self.url, headers=headers, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     base = tmp_path_factory.mktemp("dicomweb")
     server = ImxServer(base / "data", env={"IMX_STOW_MAX_BYTES": str(8 * 1024 * 1024)})
     server.start()
+    web.headers.update(server.auth_headers())
     files = base / "files"
     try:
         sent: dict[str, Sent] = {}
@@ -165,7 +169,7 @@ def test_search_for_studies_with_filters_and_paging(archive: Archive) -> None:
     # dicomweb-client sends a Host header without the port, so compare the path of what it got;
     # plain HTTP below checks the whole URL
     assert value(ct_study, "00081190").endswith(f"/dicomweb/studies/{ct.study}")
-    plain = requests.get(f"{archive.url}/studies", params={"StudyInstanceUID": ct.study}).json()
+    plain = web.get(f"{archive.url}/studies", params={"StudyInstanceUID": ct.study}).json()
     assert value(plain[0], "00081190") == f"{archive.url}/studies/{ct.study}"
     assert (value(by_uid[mr.study], "00201206"), value(by_uid[mr.study], "00201208")) == (3, 3)
 
@@ -193,8 +197,8 @@ def test_quarantined_instances_are_neither_found_nor_served(archive: Archive) ->
     assert c.search_for_series(mr.study, search_filters={"SeriesInstanceUID": held.series}) == []
     url = f"{archive.url}/studies/{held.study}/series/{held.series}/instances/{held.sop}"
     for path in ("", "/metadata", "/frames/1", "/rendered", "/thumbnail"):
-        assert requests.get(url + path).status_code == 404, path
-    assert requests.get(f"{archive.url}/studies/{held.study}/series/{held.series}").status_code == 404
+        assert web.get(url + path).status_code == 404, path
+    assert web.get(f"{archive.url}/studies/{held.study}/series/{held.series}").status_code == 404
     assert held.sop not in {d.SOPInstanceUID for d in c.retrieve_study(mr.study)}
 
 
@@ -218,14 +222,14 @@ def test_search_for_series_and_instances(archive: Archive) -> None:
         archive.sent["ct3"].sop,
     ]
     # tag form, includefield and a key we cannot match (ignored with a warning, returned empty)
-    r = requests.get(
+    r = web.get(
         f"{archive.url}/studies/{mr.study}/series",
         params={"00080060": "MR", "includefield": "00081050,SeriesDate", "OperatorsName": "X"},
     )
     assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+json"
     assert len(r.json()) == 3 and all(s["00081050"] == {"vr": "PN"} and s["00080021"] == {"vr": "DA"} for s in r.json())
     assert "OperatorsName" in r.headers["warning"]
-    fuzzy = requests.get(f"{archive.url}/studies", params={"PatientName": value(series[0], "00100010")["Alphabetic"][:4].lower(), "fuzzymatching": "true"})
+    fuzzy = web.get(f"{archive.url}/studies", params={"PatientName": value(series[0], "00100010")["Alphabetic"][:4].lower(), "fuzzymatching": "true"})
     assert ct.study in {value(s, "0020000D") for s in fuzzy.json()}
 
 
@@ -234,7 +238,7 @@ def test_retrieve_instance_is_the_stored_object(archive: Archive) -> None:
     for label in ("ct1", "mr_j2k", "mr_be", "dose_rle"):
         s = archive.sent[label]
         url = f"{archive.url}/studies/{s.study}/series/{s.series}/instances/{s.sop}"
-        r = requests.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        r = web.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
         assert r.status_code == 200
         assert "Content-Encoding" not in r.headers  # DICOM is never gzipped, even when asked
         ((headers, body),) = split_multipart(r)
@@ -263,7 +267,7 @@ def test_transcoding_to_explicit_vr_little_endian(archive: Archive) -> None:
         s = archive.sent[label]
         stored = archive.stored(s.sop)
         assert stored.file_meta.TransferSyntaxUID != EXPLICIT_LE
-        r = requests.get(
+        r = web.get(
             f"{archive.url}/studies/{s.study}/series/{s.series}/instances/{s.sop}",
             headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT_LE}'},
         )
@@ -293,7 +297,7 @@ def test_retrieve_frames(archive: Archive) -> None:
     rle = archive.sent["dose_rle"]  # RLE: decoded on request, native otherwise
     decoded = c.retrieve_instance_frames(rle.study, rle.series, rle.sop, frame_numbers=[3], media_types=("application/octet-stream",))
     assert decoded == [archive.stored(rle.sop).pixel_array[2].astype("<u2").tobytes()]
-    r = requests.get(
+    r = web.get(
         f"{archive.url}/studies/{rle.study}/series/{rle.series}/instances/{rle.sop}/frames/3",
         headers={"Accept": 'multipart/related; type="image/dicom-rle"'},
     )
@@ -313,7 +317,7 @@ def test_retrieve_frames(archive: Archive) -> None:
         ("multipart/related; type=application/octet-stream; transfer-syntax=*", "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.90", bitstream),
         ('multipart/related; type="application/octet-stream"', f"application/octet-stream; transfer-syntax={EXPLICIT_LE}", stored_j2k.pixel_array.astype("<u2").tobytes()),
     ]:
-        ((headers, body),) = split_multipart(requests.get(furl, headers={"Accept": accept}))
+        ((headers, body),) = split_multipart(web.get(furl, headers={"Accept": accept}))
         assert (headers["content-type"], body) == (media, expected), accept
 
 
@@ -333,7 +337,7 @@ def test_metadata_matches_the_stored_datasets(archive: Archive) -> None:
         assert elem.tag in ds, elem.keyword
         assert ds[elem.tag].value == elem.value, elem.keyword
     assert str(ds.PatientName) != "Doe^Jane"
-    uri = requests.get(f"{archive.url}/studies/{ct.study}/series/{ct.series}/instances/{ct.sop}/metadata").json()[0]["7FE00010"]["BulkDataURI"]
+    uri = web.get(f"{archive.url}/studies/{ct.study}/series/{ct.series}/instances/{ct.sop}/metadata").json()[0]["7FE00010"]["BulkDataURI"]
     assert uri == f"{archive.url}/studies/{ct.study}/series/{ct.series}/instances/{ct.sop}/bulkdata/7FE00010"
     assert meta["7FE00010"] == {"vr": "OW", "BulkDataURI": uri.replace(f":{archive.server.http_port}", "")}
     assert c.retrieve_bulkdata(uri) == [stored.PixelData]
@@ -343,29 +347,29 @@ def test_etag_and_not_modified(archive: Archive) -> None:
     s = archive.sent["ct3"]
     url = f"{archive.url}/studies/{s.study}/series/{s.series}/instances/{s.sop}"
     for path in ("", "/metadata", "/frames/1"):
-        r = requests.get(url + path)
+        r = web.get(url + path)
         assert r.status_code == 200
         etag = r.headers["etag"]
         assert "immutable" in r.headers["cache-control"]
-        again = requests.get(url + path, headers={"If-None-Match": etag})
+        again = web.get(url + path, headers={"If-None-Match": etag})
         assert again.status_code == 304 and again.content == b""
-    study = requests.get(f"{archive.url}/studies/{s.study}")
+    study = web.get(f"{archive.url}/studies/{s.study}")
     assert study.headers["cache-control"] == "private, no-cache"
-    assert requests.get(f"{archive.url}/studies/{s.study}", headers={"If-None-Match": study.headers["etag"]}).status_code == 304
+    assert web.get(f"{archive.url}/studies/{s.study}", headers={"If-None-Match": study.headers["etag"]}).status_code == 304
     # another representation, another entity tag
-    le = requests.get(url, headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT_LE}'})
-    assert le.headers["etag"] == requests.get(url).headers["etag"]  # already Explicit VR LE: the same bytes
+    le = web.get(url, headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT_LE}'})
+    assert le.headers["etag"] == web.get(url).headers["etag"]  # already Explicit VR LE: the same bytes
     j2k = archive.sent["mr_j2k"]
     jurl = f"{archive.url}/studies/{j2k.study}/series/{j2k.series}/instances/{j2k.sop}"
-    assert requests.get(jurl).headers["etag"] != requests.get(jurl, headers={"Accept": le.request.headers["Accept"]}).headers["etag"]
+    assert web.get(jurl).headers["etag"] != web.get(jurl, headers={"Accept": le.request.headers["Accept"]}).headers["etag"]
 
 
 def test_json_is_gzipped_on_request(archive: Archive) -> None:
     s = archive.sent["ct1"]
-    raw = urllib.request.urlopen(urllib.request.Request(f"{archive.url}/studies/{s.study}/metadata", headers={"Accept-Encoding": "gzip"}))
+    raw = urllib.request.urlopen(urllib.request.Request(f"{archive.url}/studies/{s.study}/metadata", headers={"Accept-Encoding": "gzip", **archive.server.auth_headers()}))
     assert raw.headers["Content-Encoding"] == "gzip"
     assert len(json.loads(gzip.decompress(raw.read()))) == 3
-    plain = urllib.request.urlopen(f"{archive.url}/studies/{s.study}/metadata")
+    plain = urllib.request.urlopen(urllib.request.Request(f"{archive.url}/studies/{s.study}/metadata", headers=archive.server.auth_headers()))
     assert plain.headers["Content-Encoding"] is None and len(json.loads(plain.read())) == 3
 
 
@@ -394,7 +398,7 @@ def test_errors_are_precise(archive: Archive) -> None:
         (f"{archive.url}/studies", {"Accept": "application/dicom+xml"}, 406),
     ]
     for url, headers, status in cases:
-        r = requests.get(url, headers=headers)
+        r = web.get(url, headers=headers)
         assert r.status_code == status, (url, headers, r.status_code, r.text)
         assert r.headers["content-type"] == "application/problem+json", url
         assert r.json()["status"] == status and r.json()["detail"]
@@ -429,7 +433,7 @@ def test_spooled_objects_are_served_and_a_store_outage_is_503(moto, tmp_path: Pa
         try:
             spooled = a.ingest_file(partner, second)
             assert spooled.result.value == "spooled"
-            client = TestClient(create_app(a), client=("127.0.0.1", 40000))
+            client = TestClient(create_app(a), client=("127.0.0.1", 40000), headers=bearer(a.index))
             (inst,) = instances(a.index, Scope(None), sop_uids=[spooled.sop_instance_uid])
             url = f"/dicomweb/studies/{inst.study_uid}/series/{inst.series_uid}/instances"
             r = client.get(f"{url}/{spooled.sop_instance_uid}")
@@ -460,7 +464,7 @@ def test_a_missing_object_is_a_500_naming_the_repair(tmp_path: Path) -> None:
         out = a.ingest_file(PartnerRef.of(a.index.add_partner("OSH", "OSHPACS", [])), one)
         (inst,) = instances(a.index, Scope(None), sop_uids=[out.sop_instance_uid])
         a.store.delete(inst.object_key)
-        client = TestClient(create_app(a), client=("127.0.0.1", 40000))
+        client = TestClient(create_app(a), client=("127.0.0.1", 40000), headers=bearer(a.index))
         url = f"/dicomweb/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
         for path in ("", "/metadata", "/frames/1"):
             r = client.get(url + path)
@@ -469,7 +473,7 @@ def test_a_missing_object_is_a_500_naming_the_repair(tmp_path: Path) -> None:
         a.close()
 
 
-def test_only_loopback_clients_are_served(tmp_path: Path) -> None:
+def test_only_authenticated_clients_are_served_from_any_host(tmp_path: Path) -> None:
     from imx.config import ensure_layout
     from imx.ingest import Archive as ImxArchive
     from viewer.app import create_app
@@ -479,11 +483,12 @@ def test_only_loopback_clients_are_served(tmp_path: Path) -> None:
     a = ImxArchive(settings)
     a.index.migrate()
     try:
-        remote = TestClient(create_app(a), client=("203.0.113.9", 40000))
-        assert remote.get("/dicomweb/studies").status_code == 403
-        assert remote.post("/dicomweb/studies", content=b"x").status_code == 403
-        local = TestClient(create_app(a), client=("127.0.0.1", 40000))
-        r = local.get("/dicomweb/studies")
+        for host in ("127.0.0.1", "203.0.113.9"):
+            anonymous = TestClient(create_app(a), client=(host, 40000))
+            assert anonymous.get("/dicomweb/studies").status_code == 401
+            assert anonymous.post("/dicomweb/studies", content=b"x").status_code == 401
+        remote = TestClient(create_app(a), client=("203.0.113.9", 40000), headers=bearer(a.index))
+        r = remote.get("/dicomweb/studies")
         assert r.status_code == 200 and r.json() == []
     finally:
         a.close()
@@ -522,7 +527,7 @@ def test_store_partial_failure_and_mismatch(archive: Archive, tmp_path: Path) ->
     (good,) = make_ct_series(tmp_path / "p", 1, patient="Part^Paul", patient_id="PART-1")
     garbage = b"\x00" * 128 + b"DICM" + b"not really DICOM"
     body, ctype = multipart_body([good.read_bytes(), garbage])
-    r = requests.post(f"{archive.url}/studies?partner=DEMO", data=body, headers={"Content-Type": ctype})
+    r = web.post(f"{archive.url}/studies?partner=DEMO", data=body, headers={"Content-Type": ctype})
     assert r.status_code == 202, r.text
     out = r.json()
     assert len(out["00081199"]["Value"]) == 1
@@ -531,17 +536,17 @@ def test_store_partial_failure_and_mismatch(archive: Archive, tmp_path: Path) ->
 
     (other,) = make_ct_series(tmp_path / "q", 1)
     body, ctype = multipart_body([other.read_bytes()])
-    r = requests.post(f"{archive.url}/studies/{dcmread(good).StudyInstanceUID}?partner=DEMO", data=body, headers={"Content-Type": ctype})
+    r = web.post(f"{archive.url}/studies/{dcmread(good).StudyInstanceUID}?partner=DEMO", data=body, headers={"Content-Type": ctype})
     assert r.status_code == 409, r.text
     (failed,) = r.json()["00081198"]["Value"]
     assert failed["00081197"]["Value"] == [0xA900]
     assert failed["00081155"]["Value"] == [str(dcmread(other).SOPInstanceUID)]
     # into its own study it is stored; a part that is not application/dicom is not understood
     body, ctype = multipart_body([other.read_bytes()])
-    r = requests.post(f"{archive.url}/studies/{dcmread(other).StudyInstanceUID}?partner=DEMO", data=body, headers={"Content-Type": ctype})
+    r = web.post(f"{archive.url}/studies/{dcmread(other).StudyInstanceUID}?partner=DEMO", data=body, headers={"Content-Type": ctype})
     assert r.status_code == 200 and len(r.json()["00081199"]["Value"]) == 1
     odd, _ = multipart_body([b"{}"], ctype="application/json")
-    r = requests.post(f"{archive.url}/studies?partner=DEMO", data=odd, headers={"Content-Type": ctype})
+    r = web.post(f"{archive.url}/studies?partner=DEMO", data=odd, headers={"Content-Type": ctype})
     assert r.status_code == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
 
 
@@ -549,28 +554,28 @@ def test_store_refusals(archive: Archive, tmp_path: Path) -> None:
     (one,) = make_ct_series(tmp_path / "r", 1)
     body, ctype = multipart_body([one.read_bytes()])
     url = f"{archive.url}/studies"
-    assert requests.post(url, data=body, headers={"Content-Type": ctype}).status_code == 403  # no partner named
-    r = requests.post(url, data=body, headers={"Content-Type": ctype, "X-Imx-Partner": "NOBODY"})
+    assert web.post(url, data=body, headers={"Content-Type": ctype}).status_code == 403  # no partner named
+    r = web.post(url, data=body, headers={"Content-Type": ctype, "X-Imx-Partner": "NOBODY"})
     assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json"
     ok = {"X-Imx-Partner": "DEMO"}
-    assert requests.post(url, data=b"{}", headers={**ok, "Content-Type": "application/json"}).status_code == 415
+    assert web.post(url, data=b"{}", headers={**ok, "Content-Type": "application/json"}).status_code == 415
     wrong_type = ctype.replace('type="application/dicom"', 'type="application/dicom+json"')
-    assert requests.post(url, data=body, headers={**ok, "Content-Type": wrong_type}).status_code == 415
-    assert requests.post(url, data=b"", headers={**ok, "Content-Type": ctype}).status_code == 400
+    assert web.post(url, data=body, headers={**ok, "Content-Type": wrong_type}).status_code == 415
+    assert web.post(url, data=b"", headers={**ok, "Content-Type": ctype}).status_code == 400
     # too large: refused from the declared length, and while streaming when none is declared
     big, big_type = multipart_body([b"\x00" * (9 * 1024 * 1024)])
-    assert requests.post(url, data=big, headers={**ok, "Content-Type": big_type}).status_code == 413
+    assert web.post(url, data=big, headers={**ok, "Content-Type": big_type}).status_code == 413
 
     def chunks() -> Iterator[bytes]:
         yield big[: 1 << 20]
         for i in range(1 << 20, len(big), 1 << 20):
             yield big[i : i + (1 << 20)]
 
-    r = requests.post(url, data=chunks(), headers={**ok, "Content-Type": big_type})
+    r = web.post(url, data=chunks(), headers={**ok, "Content-Type": big_type})
     assert r.status_code == 413
     # a bomb of tiny parts
     many, many_type = multipart_body([b"x"] * 10_001)
-    assert requests.post(url, data=many, headers={**ok, "Content-Type": many_type}).status_code == 413
+    assert web.post(url, data=many, headers={**ok, "Content-Type": many_type}).status_code == 413
     tmp = archive.server.data_dir / "tmp"
     assert not [p for p in tmp.rglob("*") if "stow-" in str(p)]  # nothing left behind
 
@@ -581,7 +586,7 @@ class Orthanc:
 
     PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
-    def __init__(self, workdir: Path, dicomweb_url: str) -> None:
+    def __init__(self, workdir: Path, dicomweb_url: str, user: str, password: str) -> None:
         assert shutil.which("Orthanc"), "Debian's orthanc package is needed (make system-deps installs it)"
         assert Path(self.PLUGIN).exists(), "Debian's orthanc-dicomweb package is needed (make system-deps installs it)"
         self.http_port = free_port()
@@ -594,7 +599,7 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomServerEnabled": False,
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"imx": [dicomweb_url]}},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"imx": [dicomweb_url, user, password]}},  # HTTP Basic
         }
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "orthanc.json").write_text(json.dumps(config))
@@ -621,7 +626,7 @@ class Orthanc:
 @pytest.mark.slow
 def test_orthanc_retrieves_a_study_over_wado_rs(archive: Archive, tmp_path: Path) -> None:
     mr = archive.sent["mr"]
-    orthanc = Orthanc(tmp_path / "orthanc", archive.url + "/")
+    orthanc = Orthanc(tmp_path / "orthanc", archive.url + "/", *archive.server.basic_auth)
     try:
         orthanc.call("POST", "/dicom-web/servers/imx/retrieve", {"Resources": [{"Study": mr.study}]})
         ids = json.loads(orthanc.call("GET", "/instances"))
@@ -646,34 +651,34 @@ def test_rendered_and_thumbnails(archive: Archive) -> None:
 
     ct, dose = archive.sent["ct1"], archive.sent["dose"]
     inst = f"{archive.url}/studies/{ct.study}/series/{ct.series}/instances/{ct.sop}"
-    r = requests.get(f"{inst}/rendered")
+    r = web.get(f"{inst}/rendered")
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/jpeg" and "immutable" in r.headers["cache-control"]
     assert Image.open(io.BytesIO(r.content)).size == (128, 128)  # CT_small is 128 x 128
-    assert requests.get(f"{inst}/rendered", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
-    png = requests.get(f"{inst}/rendered", params={"viewport": "64,64", "window": "40,400"}, headers={"Accept": "image/png"})
+    assert web.get(f"{inst}/rendered", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+    png = web.get(f"{inst}/rendered", params={"viewport": "64,64", "window": "40,400"}, headers={"Accept": "image/png"})
     assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (64, 64)
     assert png.headers["etag"] != r.headers["etag"]
     # one frame of the 15-frame dose, and the frames differ
     dinst = f"{archive.url}/studies/{dose.study}/series/{dose.series}/instances/{dose.sop}"
-    f3 = requests.get(f"{dinst}/frames/3/rendered", headers={"Accept": "image/png"})
-    f9 = requests.get(f"{dinst}/frames/9/rendered", headers={"Accept": "image/png"})
+    f3 = web.get(f"{dinst}/frames/3/rendered", headers={"Accept": "image/png"})
+    f9 = web.get(f"{dinst}/frames/9/rendered", headers={"Accept": "image/png"})
     assert f3.status_code == f9.status_code == 200 and f3.content != f9.content
-    assert requests.get(f"{dinst}/frames/16/rendered").status_code == 404
-    assert requests.get(f"{dinst}/frames/1,2/rendered").status_code == 400
-    assert requests.get(f"{inst}/rendered", params={"viewport": "0,10"}).status_code == 400
-    assert requests.get(f"{inst}/rendered", params={"window": "wide"}).status_code == 400
-    assert requests.get(f"{inst}/rendered", headers={"Accept": "image/gif"}).status_code == 406
+    assert web.get(f"{dinst}/frames/16/rendered").status_code == 404
+    assert web.get(f"{dinst}/frames/1,2/rendered").status_code == 400
+    assert web.get(f"{inst}/rendered", params={"viewport": "0,10"}).status_code == 400
+    assert web.get(f"{inst}/rendered", params={"window": "wide"}).status_code == 400
+    assert web.get(f"{inst}/rendered", headers={"Accept": "image/gif"}).status_code == 406
     # a series: one rendered part per instance
-    many = requests.get(f"{archive.url}/studies/{ct.study}/series/{ct.series}/rendered")
+    many = web.get(f"{archive.url}/studies/{ct.study}/series/{ct.series}/rendered")
     parts = split_multipart(many)
     assert len(parts) == 3 and all(h["content-type"] == "image/jpeg" and b[:2] == b"\xff\xd8" for h, b in parts)
     # thumbnails: series (kept by the preview workers), study (its first series), instance, frame
-    thumb = requests.get(f"{archive.url}/studies/{ct.study}/series/{ct.series}/thumbnail")
+    thumb = web.get(f"{archive.url}/studies/{ct.study}/series/{ct.series}/thumbnail")
     assert thumb.status_code == 200 and thumb.headers["content-type"].startswith("image/")
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 128
-    assert requests.get(f"{archive.url}/studies/{ct.study}/thumbnail").content == thumb.content
-    small = requests.get(f"{inst}/thumbnail", params={"viewport": "32,32"})
+    assert web.get(f"{archive.url}/studies/{ct.study}/thumbnail").content == thumb.content
+    small = web.get(f"{inst}/thumbnail", params={"viewport": "32,32"})
     assert Image.open(io.BytesIO(small.content)).size == (32, 32)
-    assert requests.get(f"{dinst}/frames/2/thumbnail").status_code == 200
-    assert requests.get(f"{archive.url}/studies/2.25.1/thumbnail").status_code == 404
+    assert web.get(f"{dinst}/frames/2/thumbnail").status_code == 200
+    assert web.get(f"{archive.url}/studies/2.25.1/thumbnail").status_code == 404

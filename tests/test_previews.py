@@ -29,7 +29,7 @@ from services import ImxServer, echoscu
 from sqlalchemy import select
 
 from imx.previews import JobFailed, RenderPool
-from storage.index import Index, Instance, Rendition, Series
+from storage.index import Index, Instance, Rendition, Series, Study
 
 DEMO_AE = "DEMOPACS"
 STRICT_AE = "STRICTPACS"
@@ -49,8 +49,10 @@ class Reply:
 
 
 def http(server: ImxServer, path: str, headers: dict[str, str] | None = None) -> Reply:
+    """GET as the tests' admin (an API token) once the server has one."""
+    auth = server.auth_headers() if server.admin_token else {}
     req = urllib.request.Request(
-        f"http://127.0.0.1:{server.http_port}{path}", headers=headers or {}
+        f"http://127.0.0.1:{server.http_port}{path}", headers={**auth, **(headers or {})}
     )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -246,7 +248,7 @@ def test_default_answers_come_from_the_kept_renditions_with_etag_and_immutable_c
     assert r.status == 200 and r.headers["content-type"] == "image/jpeg"
     key = next(k for kind, _, k, _ in renditions(index, sent.ct[0]) if kind == "preview")
     assert r.body == (server.data_dir / "objects" / key).read_bytes()
-    assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert r.headers["cache-control"] == "private, max-age=31536000, immutable"
     etag = r.headers["etag"]
     assert etag.startswith('"') and not etag.startswith("W/")
     again = http(server, f"/api/instances/{sent.ct[0]}/rendered", {"If-None-Match": etag})
@@ -282,7 +284,7 @@ def test_formats_by_parameter_and_accept_header(served) -> None:
         assert (
             r.status == 200 and r.headers["content-type"] == media and r.body.startswith(magic[fmt])
         )
-        assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert r.headers["cache-control"] == "private, max-age=31536000, immutable"
         tags.add(r.headers["etag"])
         assert (
             http(
@@ -522,7 +524,7 @@ def test_a_worker_started_by_a_thread_that_ended_keeps_serving(pool: RenderPool)
     assert pool.call(os.getpid) == pid and pool.replaced == 1
 
 
-def test_only_loopback_clients_get_images_until_accounts_exist(tmp_path: Path) -> None:
+def test_images_need_credentials_from_any_host(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from imx.config import Settings, ensure_layout
@@ -540,8 +542,9 @@ def test_only_loopback_clients_get_images_until_accounts_exist(tmp_path: Path) -
             "/api/instances/2.25.1/frames/1/rendered",
             "/api/series/2.25.1/thumbnail",
         ):
-            r = TestClient(app, client=("203.0.113.9", 40000)).get(path)
-            assert r.status_code == 403 and "only on this machine" in r.json()["detail"]
+            for host in ("127.0.0.1", "203.0.113.9"):
+                r = TestClient(app, client=(host, 40000)).get(path)
+                assert r.status_code == 401 and r.headers["www-authenticate"], (host, path)
     finally:
         archive.close()
 
@@ -608,7 +611,7 @@ def test_a_series_that_grows_gets_its_thumbnail_from_the_new_middle(
         server, f"/api/series/{series_uid}/thumbnail", {"If-None-Match": before.headers["etag"]}
     )
     assert after.status == 200 and after.headers["etag"] != before.headers["etag"]
-    assert after.headers["cache-control"] == "public, no-cache"  # it may change: revalidated
+    assert after.headers["cache-control"] == "private, no-cache"  # it may change: revalidated
 
 
 @pytest.mark.peer
@@ -639,3 +642,188 @@ def test_imx_check_knows_renditions_and_repair_keeps_them(served, index: Index) 
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 objects without an index row" in run.stdout, run.stdout
     assert all((server.data_dir / "objects" / k).exists() for k in kept)
+
+
+# -- WADO-RS metadata made by the same job, after the ack ------------------------------------------
+def kept_metadata(index: Index, sop_uid: str) -> tuple[str, str, bytes] | None:
+    """(the instance's object key, the key the kept metadata was made from, the DICOM JSON)."""
+    from imaging.dicomjson import unpack
+    from storage.index import InstanceMetadata
+
+    with index.read() as s:
+        row = s.execute(
+            select(Instance.object_key, InstanceMetadata.object_key, InstanceMetadata.dicom_json)
+            .join(InstanceMetadata, InstanceMetadata.instance_id == Instance.id)
+            .where(Instance.sop_uid == sop_uid)
+        ).first()
+    return (row[0], row[1], unpack(row[2])) if row is not None else None
+
+
+def wado_metadata(server: ImxServer, index: Index, sop_uid: str) -> tuple[str, bytes]:
+    """(the instance's metadata URL, the WADO-RS answer's body)."""
+    with index.read() as s:
+        study, series = s.execute(
+            select(Study.study_uid, Series.series_uid)
+            .join(Series, Series.study_id == Study.id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Instance.sop_uid == sop_uid)
+        ).one()
+    path = f"/dicomweb/studies/{study}/series/{series}/instances/{sop_uid}"
+    r = http(server, path + "/metadata")
+    assert r.status == 200 and r.headers["content-type"] == "application/dicom+json"
+    return f"http://127.0.0.1:{server.http_port}{path}", r.body
+
+
+def on_request(server: ImxServer, sop_uid: str, url: str) -> bytes:
+    """What WADO-RS makes from the stored object when the index keeps nothing."""
+    from imaging.dicomjson import encode_metadata, with_bulk_base
+    from imx.config import Settings
+    from imx.ingest import make_store
+
+    ix = Index(f"sqlite:///{server.data_dir / 'index.sqlite3'}")
+    try:
+        row = ix.get_instance(sop_uid)
+        assert row is not None
+        data = make_store(Settings.load(data_dir=server.data_dir)).get(row.object_key)
+    finally:
+        ix.close()
+    ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return b"[" + with_bulk_base(encode_metadata(ds), url + "/bulkdata") + b"]"
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_metadata_is_made_after_the_ack_by_the_render_job_and_served_from_the_index(
+    served, index: Index
+) -> None:
+    server, sent = served
+    images, broken = sent.ct + [sent.multiframe], [sent.report, sent.too_short]
+    wait_settled(index, images + broken)
+    assert status_of(index, sent.report)[0] == "unrenderable"  # not an image: metadata all the same
+    for uid in images + broken:
+        kept = kept_metadata(index, uid)
+        assert kept is not None, "no metadata kept for an instance the workers settled"
+        key, made_from, encoded = kept
+        assert made_from == key
+        if uid in images:  # the pixel data by URI, under a placeholder for the request's base URL
+            assert b'"7FE00010":{"vr":"O' in encoded and b"@@imx-bulkdata@@" in encoded
+        url, body = wado_metadata(server, index, uid)
+        assert (
+            body == b"[" + encoded.replace(b"@@imx-bulkdata@@", (url + "/bulkdata").encode()) + b"]"
+        )
+        assert body == on_request(server, uid, url)  # byte for byte what was made on request
+        assert json.loads(body)[0]["00080018"]["Value"] == [uid]
+    # nothing of a quarantined instance is made or served
+    assert kept_metadata(index, sent.quarantined) is None
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_metadata_missing_from_the_index_is_made_on_request_and_kept(served, index: Index) -> None:
+    """Instances stored before schema 0005, or whose job died, have no kept metadata: WADO-RS
+    makes it from the object (the same bytes) and keeps it; a row made from another object (one
+    replaced after masking) is not used."""
+    from sqlalchemy import delete, update
+
+    from imaging.dicomjson import pack
+    from storage.index import InstanceMetadata
+
+    server, sent = served
+    uid = sent.ct[1]
+    wait_settled(index, [uid])
+    _, _, before = kept_metadata(index, uid)  # type: ignore[misc]
+    with index.write() as s:
+        iid = s.scalar(select(Instance.id).where(Instance.sop_uid == uid))
+        s.execute(delete(InstanceMetadata).where(InstanceMetadata.instance_id == iid))
+    url, body = wado_metadata(server, index, uid)
+    assert body == on_request(server, uid, url)
+    deadline = time.monotonic() + 30  # kept by a background thread after the answer
+    while kept_metadata(index, uid) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    key, made_from, again = kept_metadata(index, uid)  # type: ignore[misc]
+    assert made_from == key and again == before
+    # kept for another object (as after masking replaced it): ignored, made again and replaced
+    with index.write() as s:
+        s.execute(
+            update(InstanceMetadata)
+            .where(InstanceMetadata.instance_id == iid)
+            .values(object_key="i/elsewhere", dicom_json=pack(b'[{"not":"this"}]'))
+        )
+    assert wado_metadata(server, index, uid)[1] == body
+    deadline = time.monotonic() + 30
+    while kept_metadata(index, uid)[1] == "i/elsewhere" and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.1)
+    key, made_from, again = kept_metadata(index, uid)  # type: ignore[misc]
+    assert made_from == key and again == before
+
+
+def test_the_workers_metadata_is_byte_for_byte_what_wado_rs_makes_on_request(
+    pool: RenderPool,
+) -> None:
+    """For every object among pydicom's test files that pydicom reads: the metadata the render
+    job makes from the whole object (read with pixels, in a worker) equals what WADO-RS makes from
+    the object read without its pixels, renderable or not."""
+    import glob
+
+    import pydicom.data
+
+    from imaging.dicomjson import encode_metadata, unpack
+    from imx.previews import preview_job
+
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    compared = unrenderable = 0
+    for path in sorted(glob.glob(str(folder / "**" / "*.dcm"), recursive=True)):
+        try:
+            expected = encode_metadata(dcmread(path, stop_before_pixels=True))
+        except Exception:
+            continue  # deliberately broken files pydicom cannot read
+        packed, out = pool.call(
+            preview_job, path, [(1, None, (32, 32), "jpeg", 90)], 256 * 1024 * 1024
+        )
+        assert packed is not None and unpack(packed) == expected, Path(path).name
+        compared += 1
+        unrenderable += isinstance(out, str)
+    assert compared > 60 and unrenderable > 0
+
+
+def test_a_job_handed_over_from_the_event_loop_gives_what_a_thread_gets(pool: RenderPool) -> None:
+    """RenderPool.call_async (the on-demand render route's path): the value, the same failures
+    and replacements as call(), and a caller that goes away leaves no reply for the next one."""
+    import asyncio
+
+    async def scenario() -> None:
+        assert await pool.call_async(sum, [1, 2, 3]) == 6
+        with pytest.raises(JobFailed) as e:
+            await pool.call_async(time.sleep, 60, timeout=0.5)
+        assert e.value.kind == "timeout" and pool.replaced == 1
+        with pytest.raises(JobFailed) as e:
+            await pool.call_async(os._exit, 3)
+        assert e.value.kind == "crashed" and "exit code 3" in e.value.reason
+        abandoned = asyncio.ensure_future(pool.call_async(time.sleep, 0.5))
+        await asyncio.sleep(0.1)
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        # the next caller waits for the worker and gets its own answer, not the abandoned one's
+        assert await pool.call_async(len, b"four") == 4
+        both = await asyncio.gather(pool.call_async(len, b"ab"), pool.call_async(len, b"abc"))
+        assert both == [2, 3]  # the second found no idle worker and waited in a thread
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_keeps_parsed_objects_for_the_next_render_and_renders_the_same(
+    pool: RenderPool,
+) -> None:
+    from imx.previews import render_job
+
+    path = str(get_testdata_file("CT_small.dcm"))
+    spec = [(1, (40.0, 400.0), None, "png", 90)]
+    cold = pool.call(render_job, path, spec, 192 * 1024 * 1024)
+    first = pool.call(render_job, path, spec, 192 * 1024 * 1024, "k:1")
+    # a render under the same key comes from what the worker kept: it does not read the source
+    again = pool.call(render_job, "/nonexistent/object.dcm", spec, 192 * 1024 * 1024, "k:1")
+    assert cold == first == again
+    with pytest.raises(JobFailed) as e:  # another key is read afresh
+        pool.call(render_job, "/nonexistent/object.dcm", spec, 192 * 1024 * 1024, "k:2")
+    assert e.value.kind == "unrenderable"

@@ -5,8 +5,15 @@ A thin door, like the DICOM node: searches go through the shared query layer
 ``storage.query.instances`` and the object store, and stores through ``Archive.ingest_file``
 (the same ingest path as C-STORE: the partner's policy, de-identification, durability).
 
-Loopback only until accounts exist; a loopback client sees every partner's studies
-(``Scope(None)``). Everything served is already de-identified.
+Every route needs an authenticated caller (``viewer.auth.CurrentUser``: session, API token,
+Basic or share link) and sees only the studies of its ``Principal.scope``; a study outside it
+answers 404, as one that does not exist. Everything served is already de-identified. Metadata
+fetches are audited as ``study_viewed``, retrieves as ``instance_downloaded``, frames as
+``frame_downloaded`` (once per caller and target every few minutes).
+
+STOW-RS: a partner user's instances are ingested as sent by their partner (the same ingest and
+policy as a C-STORE from it); an admin names the sending partner (``?partner=NAME`` or the
+``X-Imx-Partner`` header); specialists and share links cannot store.
 
 Sections implemented: PS3.18 8.3.4 (query parameters), 8.7.3 (acceptable media types and
 transfer syntaxes), 10.4 (Retrieve: instances, metadata, frames, bulk data), 10.5 (Store),
@@ -15,6 +22,7 @@ transfer syntaxes), 10.4 (Retrieve: instances, metadata, frames, bulk data), 10.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import gzip
 import hashlib
@@ -40,6 +48,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
 
+from imaging.dicomjson import (  # noqa: F401 (metadata_json: the DICOM JSON of PS3.18 F.2, from here too)
+    BINARY_VRS,
+    BULK_PLACEHOLDER,
+    BULK_THRESHOLD,
+    encode_metadata,
+    metadata_json,
+    pack,
+    unpack,
+    with_bulk_base,
+)
 from imx.ingest import Archive, PartnerRef, Result
 from imx.logs import event
 from storage.objects import StoreError
@@ -52,7 +70,7 @@ from storage.query import (
     instances,
     search,
 )
-from viewer.app import loopback_only
+from viewer.auth import Principal, audit, current_user
 
 log = logging.getLogger("imx.dicomweb")
 
@@ -79,8 +97,6 @@ FRAME_MEDIA_TYPES: dict[str, str] = {
     "1.2.840.10008.1.2.4.203": "image/jphc",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
-BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
-BULK_THRESHOLD = 1024  # binary values above this many bytes become BulkDataURIs in metadata
 PIXEL_DATA = 0x7FE00010
 
 IMMUTABLE = "private, max-age=31536000, immutable"  # one instance never changes once visible
@@ -284,12 +300,12 @@ def json_response(request: Request, payload: Any, status: int = 200, headers: di
 
 
 class MetadataCache:
-    """Encoded DICOM JSON of recently served instances (PyDicom's JSON conversion costs about
-    2 ms an instance; a viewer asks for a study's metadata again and again). Keyed by object key
-    and size: an object never changes under its key. The BulkDataURIs hold a placeholder that
-    each request replaces with its own base URL."""
+    """Encoded DICOM JSON of instances whose metadata the index does not keep yet (made on
+    request: pydicom's JSON conversion costs about 0.5 to 2 ms an instance), until the index has
+    it. Keyed by object key and size: an object never changes under its key. The BulkDataURIs
+    hold a placeholder that each request replaces with its own base URL."""
 
-    PLACEHOLDER = "@@imx-bulkdata@@"
+    PLACEHOLDER = BULK_PLACEHOLDER
 
     def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
@@ -496,26 +512,6 @@ def attributes_json(attrs: dict[str, Any]) -> dict[str, Any]:
     return {f"{t:08X}": out[t] for t in sorted(out)}
 
 
-def metadata_json(ds: Dataset, bulk_base: str) -> dict[str, Any]:
-    """A dataset (read without its pixel data) as DICOM JSON, large binary values and the pixel
-    data replaced by BulkDataURIs under ``bulk_base`` (PS3.18 F.2.6)."""
-    bulk: dict[int, str] = {}
-    rest = Dataset()
-    for elem in ds:
-        raw_len = len(elem.value) if isinstance(elem.value, bytes | bytearray) else 0
-        if elem.VR in BINARY_VRS and raw_len > BULK_THRESHOLD:
-            bulk[elem.tag] = elem.VR
-        else:
-            rest.add(elem)
-    if "Rows" in ds and "Columns" in ds:  # stop_before_pixels dropped the pixel data
-        ts = UID(ds.file_meta.TransferSyntaxUID)
-        bulk[PIXEL_DATA] = "OB" if ts.is_compressed or int(ds.get("BitsAllocated", 8) or 8) <= 8 else "OW"
-    out = rest.to_json_dict(bulk_data_threshold=1 << 62, suppress_invalid_tags=True)
-    for tag, vr in bulk.items():
-        out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{bulk_base}/{tag:08X}"}
-    return dict(sorted(out.items()))
-
-
 # -- QIDO-RS (PS3.18 10.6) ------------------------------------------------------------------------------------
 @dataclass
 class QidoQuery:
@@ -575,14 +571,26 @@ def parse_qido(request: Request, level: Level) -> QidoQuery:
 
 # -- the router --------------------------------------------------------------------------------------------------
 def dicomweb_router(archive: Archive) -> APIRouter:
-    """The DICOMweb routes over ``archive`` (prefix ``/dicomweb``), loopback only for now."""
-    router = APIRouter(prefix="/dicomweb", dependencies=[Depends(loopback_only)], tags=["dicomweb"])
+    """The DICOMweb routes over ``archive`` (prefix ``/dicomweb``), for authenticated callers."""
+    router = APIRouter(prefix="/dicomweb", dependencies=[Depends(current_user)], tags=["dicomweb"])
     index = archive.index
     settings = archive.settings
     meta_cache = MetadataCache()
+    metadata_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imx-metadata")
 
-    def scope_of(_request: Request) -> Scope:
-        return Scope(None)  # loopback: the operator; accounts will narrow this
+    def principal_of(request: Request) -> Principal:
+        return request.state.principal  # set by current_user, the router's dependency
+
+    def scope_of(request: Request) -> Scope:
+        return principal_of(request).scope
+
+    def audited(request: Request, action: str, found: list[StoredInstance], series: str | None, sop: str | None) -> None:
+        """One audit row per caller and target every few minutes (viewer.auth.audit once=True)."""
+        if action == "study_viewed":
+            kind, target = "study", found[0].study_uid
+        else:
+            kind, target = ("instance", sop) if sop else ("series", series) if series else ("study", found[0].study_uid)
+        audit(request, principal_of(request), action, kind, target, detail={"study": found[0].study_uid}, once=True)
 
     def base_url(request: Request) -> str:
         return str(request.base_url).rstrip("/") + "/dicomweb"
@@ -726,56 +734,85 @@ def dicomweb_router(archive: Archive) -> APIRouter:
     @guarded
     def retrieve_study(request: Request, study: str) -> Response:
         """WADO-RS Retrieve Study (PS3.18 10.4.1)."""
-        return retrieve(request, resolve(request, study), False)
+        found = resolve(request, study)
+        audited(request, "instance_downloaded", found, None, None)
+        return retrieve(request, found, False)
 
     @router.get("/studies/{study}/series/{series}")
     @guarded
     def retrieve_series(request: Request, study: str, series: str) -> Response:
         """WADO-RS Retrieve Series."""
-        return retrieve(request, resolve(request, study, series), False)
+        found = resolve(request, study, series)
+        audited(request, "instance_downloaded", found, series, None)
+        return retrieve(request, found, False)
 
     @router.get("/studies/{study}/series/{series}/instances/{sop}")
     @guarded
     def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
         """WADO-RS Retrieve Instance."""
-        return retrieve(request, resolve(request, study, series, sop), True)
+        found = resolve(request, study, series, sop)
+        audited(request, "instance_downloaded", found, series, sop)
+        return retrieve(request, found, True)
+
+    def keep_metadata(rows: list[tuple[int, str, bytes]]) -> None:
+        try:
+            index.put_metadata(rows)
+        except Exception as e:  # made again on a later request
+            event(log, "metadata not kept", logging.WARNING, instances=len(rows), error=type(e).__name__)
 
     def metadata(request: Request, found: list[StoredInstance], single: bool) -> Response:
+        """The instances' DICOM JSON as the index keeps it (made after the ack by the render
+        workers, imx/previews.py); made here from the object, and kept, for any without."""
         _check_accept_json(request)
-        etag = _etag(found, "metadata:" + base_url(request))  # the BulkDataURIs name this host
+        base = base_url(request)
+        etag = _etag(found, "metadata:" + base)  # the BulkDataURIs name this host
         cache = IMMUTABLE if single else REVALIDATE
         if (hit := _cached(request, etag, cache)) is not None:
             return hit
+        kept = index.instance_metadata([si.object_key for si in found])
         out = []
-        placeholder = MetadataCache.PLACEHOLDER.encode()
+        missing: list[tuple[int, str, bytes]] = []
         for si in found:
-            key = (si.object_key, si.size_bytes)
-            encoded = meta_cache.get(key)
-            if encoded is None:
-                ds = _dataset(archive, si, pixels=False)
-                encoded = json.dumps(metadata_json(ds, MetadataCache.PLACEHOLDER), separators=(",", ":")).encode()
-                meta_cache.put(key, encoded)
-            bulk = (instance_url(request, si.study_uid, si.series_uid, si.sop_uid) + "/bulkdata").encode()
-            out.append(encoded.replace(placeholder, bulk))
+            iid, packed = kept.get(si.object_key, (None, None))
+            if packed is not None:
+                encoded = unpack(packed)
+            else:
+                key = (si.object_key, si.size_bytes)
+                encoded = meta_cache.get(key)
+                if encoded is None:
+                    encoded = encode_metadata(_dataset(archive, si, pixels=False))
+                    meta_cache.put(key, encoded)
+                if iid is not None:
+                    missing.append((iid, si.object_key, pack(encoded)))
+            bulk = f"{base}/studies/{si.study_uid}/series/{si.series_uid}/instances/{si.sop_uid}/bulkdata"
+            out.append(with_bulk_base(encoded, bulk))
+        if missing:  # off the request: a write may wait for the index's lock
+            metadata_writer.submit(keep_metadata, missing)
         return json_response(request, b"[" + b",".join(out) + b"]", headers={"ETag": etag, "Cache-Control": cache})
 
     @router.get("/studies/{study}/metadata")
     @guarded
     def study_metadata(request: Request, study: str) -> Response:
         """WADO-RS Retrieve Study Metadata (PS3.18 10.4.1.1.2)."""
-        return metadata(request, resolve(request, study), False)
+        found = resolve(request, study)
+        audited(request, "study_viewed", found, None, None)
+        return metadata(request, found, False)
 
     @router.get("/studies/{study}/series/{series}/metadata")
     @guarded
     def series_metadata(request: Request, study: str, series: str) -> Response:
         """WADO-RS Retrieve Series Metadata."""
-        return metadata(request, resolve(request, study, series), False)
+        found = resolve(request, study, series)
+        audited(request, "study_viewed", found, series, None)
+        return metadata(request, found, False)
 
     @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
     @guarded
     def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
         """WADO-RS Retrieve Instance Metadata."""
-        return metadata(request, resolve(request, study, series, sop), True)
+        found = resolve(request, study, series, sop)
+        audited(request, "study_viewed", found, series, sop)
+        return metadata(request, found, True)
 
     def pixels(request: Request, si: StoredInstance, numbers: list[int] | None) -> Response:
         mode = negotiate_frames(request.headers.get("accept"), si.transfer_syntax)
@@ -799,7 +836,9 @@ def dicomweb_router(archive: Archive) -> APIRouter:
     def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
         """WADO-RS Retrieve Frames (PS3.18 10.4.1.1.4)."""
         numbers = _parse_frames(frames)
-        return pixels(request, resolve(request, study, series, sop)[0], numbers)
+        found = resolve(request, study, series, sop)
+        audited(request, "frame_downloaded", found, series, sop)
+        return pixels(request, found[0], numbers)
 
     @router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
     @guarded
@@ -807,7 +846,9 @@ def dicomweb_router(archive: Archive) -> APIRouter:
         """WADO-RS Retrieve Bulk Data (PS3.18 10.4.1.1.5): the BulkDataURIs of our metadata."""
         if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
             raise DicomwebError(400, "Bad Request", "Bulk data is addressed by an 8-digit hexadecimal tag.")
-        si = resolve(request, study, series, sop)[0]
+        found = resolve(request, study, series, sop)
+        audited(request, "frame_downloaded" if int(tag, 16) == PIXEL_DATA else "instance_downloaded", found, series, sop)
+        si = found[0]
         number = int(tag, 16)
         if number == PIXEL_DATA:
             return pixels(request, si, None)
@@ -1007,6 +1048,15 @@ def dicomweb_router(archive: Archive) -> APIRouter:
         return image_response(request, resolve(request, study, series, sop)[0], numbers[0], True)
 
     def _stow_partner(request: Request) -> PartnerRef:
+        """Whose instances these are: a partner user's own partner; the partner an admin names."""
+        who = principal_of(request)
+        if who.role == "partner":
+            p = next((x for x in index.partners() if x.id == who.partner_id and x.active), None)
+            if p is None:
+                raise DicomwebError(403, "Forbidden", "Your hospital is no longer registered as a partner.")
+            return PartnerRef.of(p)
+        if who.role != "admin":
+            raise DicomwebError(403, "Forbidden", "Only an administrator or a partner hospital's user may store instances.")
         name = request.query_params.get("partner") or request.headers.get("x-imx-partner")
         if not name:
             raise DicomwebError(403, "Forbidden", "Name the sending partner: ?partner=NAME or the X-Imx-Partner header.")

@@ -11,29 +11,35 @@ that takes JPEG as readily as anything else, the answer is the kept preview (fit
 preview size, JPEG), rendered and kept on first use; otherwise the frame is rendered now, in a
 render worker with memory and time limits, at its own size unless a viewport is given.
 
+Every route needs an authenticated caller (the app adds ``viewer.auth.current_user``); an instance
+or series outside the caller's ``Principal.scope`` answers 404, as one that does not exist.
+
 Rendered pixels of an instance never change (instances are immutable): those answers carry a
-strong ETag (a hash of the instance and the parameters) and ``Cache-Control: public,
-max-age=31536000, immutable``; ``If-None-Match`` gives 304. A series thumbnail is replaced when the
+strong ETag (a hash of the instance and the parameters) and ``Cache-Control: private,
+max-age=31536000, immutable`` (private: they are behind authentication); ``If-None-Match`` gives 304. A series thumbnail is replaced when the
 series grows, so it is revalidated (``no-cache``) and answers 304 while it is the same. Errors
 are ``application/problem+json`` (RFC 9457).
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from imx import previews as pv
+from storage.query import Level, QueryError, Scope, instances, search
 
 if TYPE_CHECKING:
     from imx.ingest import Archive
 
-IMMUTABLE = "public, max-age=31536000, immutable"
-REVALIDATE = "public, no-cache"
+IMMUTABLE = "private, max-age=31536000, immutable"
+REVALIDATE = "private, no-cache"
 MAX_VIEWPORT = 8192
 FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
@@ -182,6 +188,18 @@ def _guarded(fn: Callable[[], Response]) -> Response:
         return problem(503, "Busy", str(e), {"Retry-After": "1"})
 
 
+async def _guarded_async(fn: Callable[[], Awaitable[Response]]) -> Response:
+    """``_guarded`` for the routes that run on the event loop."""
+    try:
+        return await fn()
+    except (BadParameter, NotAcceptable, pv.PreviewError) as e:
+        return _guarded(functools.partial(_reraise, e))
+
+
+def _reraise(e: Exception) -> Response:
+    raise e
+
+
 def router(archive: Archive) -> APIRouter:
     """The routes above, for ``archive`` (its Previews: ``imx.previews.for_archive``)."""
     r = APIRouter()
@@ -189,7 +207,25 @@ def router(archive: Archive) -> APIRouter:
     def service() -> pv.Previews:
         return pv.for_archive(archive)
 
-    def instance_image(request: Request, sop_uid: str, frame: int) -> Response:
+    def check_scope(request: Request, sop_uid: str | None = None, series_uid: str | None = None) -> None:
+        """404 unless the caller's scope holds the instance or series (admins: no query)."""
+        scope: Scope = request.state.principal.scope
+        if scope == Scope(None):
+            return
+        try:
+            if sop_uid is not None:
+                ok = len(sop_uid) <= 64 and bool(instances(archive.index, scope, sop_uids=[sop_uid]))
+            else:
+                ok = bool(series_uid) and len(series_uid or "") <= 64 and bool(
+                    search(archive.index, Level.SERIES, {"SeriesInstanceUID": series_uid or ""}, scope, limit=1)
+                )
+        except QueryError:
+            ok = False
+        if not ok:
+            raise pv.NotFound("no such instance or series")
+
+    def render_params(request: Request) -> tuple[str | None, object | None, tuple[int, int] | None, int | None]:
+        """(format, window, viewport, quality) asked for; all None: the kept preview."""
         q = request.query_params
         fmt_param = q.get("format")
         if fmt_param is not None and fmt_param.lower() not in FORMATS:
@@ -199,42 +235,53 @@ def router(archive: Archive) -> APIRouter:
         size = _viewport(q.get("size"), q.get("viewport"))
         quality = _quality(q.get("quality"))
         fmt = FORMATS[fmt_param.lower()] if fmt_param else accept_fmt
-        inm = request.headers.get("if-none-match")
+        return fmt, window, size, quality
+
+    def kept_preview(request: Request, sop_uid: str, frame: int) -> Response:
         svc = service()
+        target, tag = svc.preview_etag(sop_uid, frame)
+        if tag is not None and _matches(request.headers.get("if-none-match"), tag):
+            return _not_modified(tag, IMMUTABLE)
+        body, media, tag = svc.preview(sop_uid, frame, target=target)
+        return _image(body, media, tag, IMMUTABLE)
+
+    async def instance_image(request: Request, sop_uid: str, frame: int) -> Response:
+        """The kept preview (read from the store in a thread), or a render now: the job goes to
+        a render worker straight from the event loop (``Previews.rendered_async``)."""
+        check_scope(request, sop_uid=sop_uid)
+        fmt, window, size, quality = render_params(request)
         if window is None and size is None and quality is None and fmt is None:
-            target, tag = svc.preview_etag(sop_uid, frame)
-            if tag is not None and _matches(inm, tag):
-                return _not_modified(tag, IMMUTABLE)
-            body, media, tag = svc.preview(sop_uid, frame, target=target)
-            return _image(body, media, tag, IMMUTABLE)
+            return await run_in_threadpool(kept_preview, request, sop_uid, frame)
         fmt = fmt or pv.DEFAULT_FORMAT
         quality = quality if quality is not None else pv.DEFAULT_QUALITY
+        svc = service()
         resolved = svc.rendered_etag(
             sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality
         )
-        if _matches(inm, resolved[1]):
+        if _matches(request.headers.get("if-none-match"), resolved[1]):
             return _not_modified(resolved[1], IMMUTABLE)
-        body, media, tag = svc.rendered(
-            sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality, target=resolved
+        body, media, tag = await svc.rendered_async(
+            frame, window=window, size=size, fmt=fmt, quality=quality, target=resolved
         )
         return _image(body, media, tag, IMMUTABLE)
 
     @r.get("/api/instances/{sop_uid}/rendered")
-    def instance_rendered(sop_uid: str, request: Request) -> Response:
-        return _guarded(lambda: instance_image(request, sop_uid, 1))
+    async def instance_rendered(sop_uid: str, request: Request) -> Response:
+        return await _guarded_async(lambda: instance_image(request, sop_uid, 1))
 
     @r.get("/api/instances/{sop_uid}/frames/{n}/rendered")
-    def frame_rendered(sop_uid: str, n: str, request: Request) -> Response:
-        def run() -> Response:
+    async def frame_rendered(sop_uid: str, n: str, request: Request) -> Response:
+        async def run() -> Response:
             if not n.isdigit() or not 1 <= int(n) <= 10_000_000:
                 raise BadParameter("the frame number must be a whole number from 1")
-            return instance_image(request, sop_uid, int(n))
+            return await instance_image(request, sop_uid, int(n))
 
-        return _guarded(run)
+        return await _guarded_async(run)
 
     @r.get("/api/series/{series_uid}/thumbnail")
     def thumbnail(series_uid: str, request: Request) -> Response:
         def run() -> Response:
+            check_scope(request, series_uid=series_uid)
             svc = service()
             tag = svc.thumbnail_etag(series_uid)
             if tag is not None and _matches(request.headers.get("if-none-match"), tag):
