@@ -430,10 +430,10 @@ def tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def http_get_json(url: str, timeout: float = 30.0) -> object:
+def http_get_json(url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> object:
     # No proxies: a http_proxy in the environment must not divert our loopback requests.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout) as r:
+    with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
         return json.load(r)
 
 
@@ -527,11 +527,27 @@ class Imx(Server):
         )
         return cmd, env, REPO
 
+    def _token(self) -> str:
+        """An API token of an admin made for the benchmark (/api/studies needs a caller)."""
+        if getattr(self, "token", None) is None:
+            cmd, env, cwd = self.command()
+            imx = cmd[:-1]  # the same imx, without "serve"
+            run = {"env": env, "cwd": cwd, "capture_output": True, "text": True, "timeout": 120}
+            add = subprocess.run([*imx, "user", "add", "bench", "--role", "admin"], input="bench-password\n", **run)
+            if add.returncode != 0 and "exists" not in add.stderr:
+                raise RuntimeError(f"imx user add failed: {add.stderr}")
+            tok = subprocess.run([*imx, "user", "token", "bench"], **run)
+            if tok.returncode != 0:
+                raise RuntimeError(f"imx user token failed: {tok.stderr}")
+            self.token = tok.stdout.strip()
+        return self.token
+
     def count(self) -> int:
         total, offset, limit = 0, 0, 1000
+        auth = {"Authorization": f"Bearer {self._token()}"}
         for _ in range(10_000):
             page = http_get_json(
-                f"http://{HOST}:{self.http_port}/api/studies?limit={limit}&offset={offset}"
+                f"http://{HOST}:{self.http_port}/api/studies?limit={limit}&offset={offset}", headers=auth
             )
             studies = page["studies"]  # type: ignore[index]
             total += sum(int(s.get("num_instances") or 0) for s in studies)

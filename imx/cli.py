@@ -7,11 +7,17 @@
     imx partner list | remove NAME
     imx partner policy NAME [--set FILE | --default | --show]
                                                 a partner's de-identification policy
+    imx partner tz NAME ZONE|--default          the hospital's IANA time zone (consultation times)
     imx quarantine list | release SOP_UID | mask SOP_UID [--region X,Y,W,H]...
                                                 objects held back for burned-in annotation
     imx send HOST PORT PATH... --aec AE --aet AE send DICOM files, folders and zips to a node
     imx anonymize SRC DST [--partner NAME] [--policy FILE]
                                                 de-identify a folder, zip or DICOMDIR offline
+    imx user add NAME --role admin|specialist|partner [--partner NAME] [--display-name TEXT]
+                                                a person who logs in (password from stdin, or generated)
+    imx user list | disable NAME | enable NAME | password NAME [--generate]
+    imx user token NAME [--label L] [--days N]  an API token for DICOMweb tools (printed once)
+    imx user grant-all NAME [--revoke]          let a specialist see every study
     imx check [--repair]                        verify that index and object store agree
     imx settings                                every IMX_ setting with its default
 """
@@ -86,6 +92,7 @@ def cmd_partner_add(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"imx: invalid --host or --dest: {e}", file=sys.stderr)
         return 2
+    _console_audit(index, "partner_changed", p.name, {"created": True})
     hosts = ", ".join(p.host_list) or "any host"
     dest = f"; C-MOVE destination {p.dest_host}:{p.dest_port}" if p.dest_host else ""
     print(f"partner {p.name} added: calling AE title {p.ae_title}, from {hosts}{dest}")
@@ -103,6 +110,7 @@ def cmd_partner_dest(args: argparse.Namespace) -> int:
     if not found:
         print(f"imx: no partner named {args.name!r}", file=sys.stderr)
         return 1
+    _console_audit(index, "partner_changed", args.name, {"changed": ["destination"]})
     if host is None:
         print(f"partner {args.name}: no longer a C-MOVE destination")
     else:
@@ -132,6 +140,7 @@ def cmd_partner_remove(args: argparse.Namespace) -> int:
     if what is None:
         print(f"imx: no partner named {args.name!r}", file=sys.stderr)
         return 1
+    _console_audit(index, "partner_changed", args.name, {"removed": what})
     if what == "deactivated":
         print(f"partner {args.name} removed: it can no longer send; its studies stay in the archive")
     else:
@@ -155,14 +164,38 @@ def cmd_partner_policy(args: argparse.Namespace) -> int:
             print(f"imx: {e}", file=sys.stderr)
             return 2
         index.set_partner_policy(args.name, policy.to_json())
+        _console_audit(index, "partner_changed", args.name, {"changed": ["policy"]})
         print(f"partner {args.name}: policy set")
     elif args.default:
         index.set_partner_policy(args.name, None)
+        _console_audit(index, "partner_changed", args.name, {"changed": ["policy"], "default": True})
         print(f"partner {args.name}: the operator's default policy applies")
     p = index.partner_by_name(args.name)
     own = getattr(p, "policy", None)
     policy = Policy.from_json(own) if own else (Policy.load(settings.policy_file) if settings.policy_file else Policy.default())
     print(f"{'own' if own else 'default'} policy: options {', '.join(policy.to_mapping()['options']) or '(Basic Profile only)'}; burned-in: {policy.burned_in.value}")
+    return 0
+
+
+def cmd_partner_tz(args: argparse.Namespace) -> int:
+    """Set a partner's IANA time zone; consultation times are shown in it (NULL: Asia/Urumqi)."""
+    from storage.consultations import DEFAULT_ZONE, set_partner_time_zone
+    from viewer.i18n_server import UnknownZone, check_zone
+
+    if (args.zone is None) == (not args.default):
+        print("imx: give a time zone (such as Asia/Almaty) or --default", file=sys.stderr)
+        return 2
+    try:
+        zone_name = None if args.default else check_zone(args.zone)
+    except UnknownZone as e:
+        print(f"imx: {e}", file=sys.stderr)
+        return 2
+    index = _index(_settings())
+    if not set_partner_time_zone(index, args.name, zone_name):
+        print(f"imx: no partner named {args.name!r}", file=sys.stderr)
+        return 1
+    _console_audit(index, "partner_changed", args.name, {"changed": ["time_zone"]})
+    print(f"partner {args.name}: time zone {zone_name or DEFAULT_ZONE}")
     return 0
 
 
@@ -241,6 +274,214 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
         Path(args.policy) if args.policy else None,
         progress=not args.no_progress,
     )
+
+
+# -- users --------------------------------------------------------------------------------------
+def _read_password(args: argparse.Namespace) -> tuple[str, bool] | None:
+    """(password, generated): from stdin when it is piped, generated when it is a terminal or
+    with --generate. None (after a message) when the piped one is unusable."""
+    from viewer.accounts import generate_password
+
+    if getattr(args, "generate", False) or sys.stdin is None or sys.stdin.isatty():
+        return generate_password(), True
+    password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("imx: the password (first line of stdin) must have at least 8 characters", file=sys.stderr)
+        return None
+    return password, False
+
+
+def _console_audit(index, action: str, target: str, detail: dict) -> None:  # type: ignore[no-untyped-def]
+    """An audit row for a change made at the console: user ``console``, the operating-system
+    account in the detail. Targets are our own names (users, partner hospitals, token ids)."""
+    import getpass
+    import json
+
+    from storage.access import Accounts
+
+    try:
+        os_user = getpass.getuser()
+    except Exception:
+        os_user = "unknown"
+    Accounts(index).add_audit(
+        action,
+        user_id=None,
+        username="console",
+        address=None,
+        target_kind={"user_changed": "user", "token_created": "token", "partner_changed": "partner"}.get(action),
+        target=target,
+        detail=json.dumps({**detail, "os_user": os_user, "via": "cli"}, sort_keys=True),
+    )
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from storage.access import Accounts, UserExists
+    from viewer.accounts import valid_user_name
+    from viewer.auth import hash_password
+
+    try:
+        valid_user_name(args.name)
+    except ValueError as e:
+        print(f"imx: {e}", file=sys.stderr)
+        return 2
+    if (args.role == "partner") != (args.partner is not None):
+        print("imx: a partner user needs --partner NAME (its hospital), and only a partner user has one", file=sys.stderr)
+        return 2
+    index = _index(_settings())
+    partner_id = None
+    if args.partner is not None:
+        p = index.partner_by_name(args.partner)
+        if p is None:
+            print(f"imx: no active partner named {args.partner!r} (imx partner list)", file=sys.stderr)
+            return 1
+        partner_id = p.id
+    got = _read_password(args)
+    if got is None:
+        return 2
+    password, generated = got
+    try:
+        Accounts(index).add_user(
+            args.name, args.role, hash_password(password), partner_id=partner_id, display_name=args.display_name
+        )
+    except UserExists:
+        print(f"imx: a user named {args.name!r} exists", file=sys.stderr)
+        return 1
+    _console_audit(index, "user_changed", args.name, {"created": True, "role": args.role})
+    where = f" of partner {args.partner}" if args.partner else ""
+    print(f"user {args.name} added: {args.role}{where}")
+    if generated:
+        print(f"password (shown once, write it down): {password}")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    from storage.access import Accounts
+
+    index = _index(_settings())
+    users = Accounts(index).users()
+    if not users:
+        print("no users (imx user add NAME --role admin)")
+        return 0
+    partners = {p.id: p.name for p in index.partners()}
+    w = max(4, *(len(u.name) for u in users))
+    print(f"{'NAME':<{w}}  {'ROLE':<12}  {'PARTNER':<16}  {'STATE':<8}  LAST LOGIN")
+    for u in users:
+        role = u.role + ("*" if u.all_studies else "")
+        last = u.last_login_at.strftime("%Y-%m-%d %H:%M UTC") if u.last_login_at else "never"
+        state = "active" if u.active else "disabled"
+        print(f"{u.name:<{w}}  {role:<12}  {partners.get(u.partner_id, '-') if u.partner_id else '-':<16}  {state:<8}  {last}")
+    if any(u.all_studies for u in users):
+        print("* a specialist who sees every study (imx user grant-all)")
+    return 0
+
+
+def _user(index, name: str):  # type: ignore[no-untyped-def]
+    from storage.access import Accounts
+
+    user = Accounts(index).user_by_name(name)
+    if user is None:
+        print(f"imx: no user named {name!r}", file=sys.stderr)
+    return user
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    from storage.access import Accounts
+
+    index = _index(_settings())
+    user = _user(index, args.name)
+    if user is None:
+        return 1
+    accounts = Accounts(index)
+    accounts.update_user(user.id, active=False)
+    accounts.revoke_sessions_of(user.id)
+    tokens = accounts.revoke_tokens_of(user.id)
+    _console_audit(index, "user_changed", user.name, {"changed": ["active"], "active": False})
+    print(f"user {user.name} disabled: sessions ended, {tokens} API token(s) revoked")
+    return 0
+
+
+def cmd_user_enable(args: argparse.Namespace) -> int:
+    from storage.access import Accounts
+
+    index = _index(_settings())
+    user = _user(index, args.name)
+    if user is None:
+        return 1
+    Accounts(index).update_user(user.id, active=True, failed_logins=0)
+    _console_audit(index, "user_changed", user.name, {"changed": ["active"], "active": True})
+    print(f"user {user.name} enabled (its old API tokens stay revoked)")
+    return 0
+
+
+def cmd_user_password(args: argparse.Namespace) -> int:
+    from storage.access import Accounts
+    from viewer.auth import hash_password
+
+    index = _index(_settings())
+    user = _user(index, args.name)
+    if user is None:
+        return 1
+    got = _read_password(args)
+    if got is None:
+        return 2
+    password, generated = got
+    accounts = Accounts(index)
+    accounts.update_user(user.id, password_hash=hash_password(password), failed_logins=0)
+    accounts.revoke_sessions_of(user.id)
+    _console_audit(index, "user_changed", user.name, {"changed": ["password"]})
+    print(f"user {user.name}: password changed, its sessions ended")
+    if generated:
+        print(f"password (shown once, write it down): {password}")
+    return 0
+
+
+def cmd_user_token(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from storage.access import Accounts
+    from storage.index import utcnow
+    from viewer.auth import new_secret, secret_hash
+
+    index = _index(_settings())
+    user = _user(index, args.name)
+    if user is None:
+        return 1
+    if not user.active:
+        print(f"imx: user {user.name} is disabled (imx user enable)", file=sys.stderr)
+        return 1
+    secret = new_secret()
+    expires = utcnow() + dt.timedelta(days=args.days) if args.days else None
+    token_id = Accounts(index).add_token(user.id, args.label, secret_hash(secret), expires)
+    _console_audit(index, "token_created", str(token_id), {"user": user.name, "label": args.label})
+    until = f"until {expires:%Y-%m-%d %H:%M} UTC" if expires else "with no expiry"
+    print(f"API token {token_id} for {user.name} ({args.label}), valid {until}; shown once:", file=sys.stderr)
+    print(secret)
+    return 0
+
+
+def cmd_user_grant_all(args: argparse.Namespace) -> int:
+    from storage.access import Accounts
+
+    index = _index(_settings())
+    user = _user(index, args.name)
+    if user is None:
+        return 1
+    if user.role != "specialist":
+        print(f"imx: only a specialist can be granted every study; {user.name} is {user.role}", file=sys.stderr)
+        return 2
+    Accounts(index).update_user(user.id, all_studies=not args.revoke)
+    _console_audit(index, "user_changed", user.name, {"changed": ["all_studies"], "all_studies": not args.revoke})
+    if args.revoke:
+        print(f"user {user.name} sees the studies of consultations assigned to them only")
+    else:
+        print(f"user {user.name} sees every study")
+    return 0
+
+
+def _positive_days(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 3650:
+        raise argparse.ArgumentTypeError("days is a whole number from 1 to 3650")
+    return int(value)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -327,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", metavar="FILE", help="policy file (TOML or JSON: options, burned_in)")
     g.add_argument("--default", action="store_true", help="drop the partner's own policy; the operator's default applies")
     pp_.set_defaults(func=cmd_partner_policy)
+    ptz = psub.add_parser("tz", help="set a partner's time zone (IANA name, e.g. Asia/Bishkek)")
+    ptz.add_argument("name")
+    ptz.add_argument("zone", nargs="?", help="an IANA time zone such as Asia/Almaty")
+    ptz.add_argument("--default", action="store_true", help="back to the service's zone, Asia/Urumqi")
+    ptz.set_defaults(func=cmd_partner_tz)
 
     qp = sub.add_parser("quarantine", help="objects held back for burned-in annotation")
     qsub = qp.add_subparsers(dest="quarantine_command", required=True)
@@ -359,6 +605,37 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--policy", help="a policy file (TOML or JSON) used instead of the partner's")
     an.add_argument("--no-progress", action="store_true", help="no progress bar")
     an.set_defaults(func=cmd_anonymize)
+
+    up = sub.add_parser("user", help="people who log in to the viewer and DICOMweb: add, list, disable, tokens")
+    usub = up.add_subparsers(dest="user_command", required=True)
+    ua = usub.add_parser("add", help="add a user; the password is read from stdin, or generated and printed once")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=["admin", "specialist", "partner"])
+    ua.add_argument("--partner", help="the partner hospital of a partner user")
+    ua.add_argument("--display-name", help="a name to show in the viewer")
+    ua.add_argument("--generate", action="store_true", help="generate the password (printed once) even when stdin is piped")
+    ua.set_defaults(func=cmd_user_add)
+    ul = usub.add_parser("list", help="list users")
+    ul.set_defaults(func=cmd_user_list)
+    ud = usub.add_parser("disable", help="stop a user: refuses logins, ends sessions, revokes API tokens")
+    ud.add_argument("name")
+    ud.set_defaults(func=cmd_user_disable)
+    ue = usub.add_parser("enable", help="let a disabled user log in again")
+    ue.add_argument("name")
+    ue.set_defaults(func=cmd_user_enable)
+    upw = usub.add_parser("password", help="set a user's password (from stdin, or generated and printed once)")
+    upw.add_argument("name")
+    upw.add_argument("--generate", action="store_true", help="generate the password even when stdin is piped")
+    upw.set_defaults(func=cmd_user_password)
+    ut = usub.add_parser("token", help="create an API token (Bearer) for DICOMweb tools; printed once on stdout")
+    ut.add_argument("name")
+    ut.add_argument("--label", default="cli", help="what the token is for (default cli)")
+    ut.add_argument("--days", type=_positive_days, help="days until it expires (default: never)")
+    ut.set_defaults(func=cmd_user_token)
+    ug = usub.add_parser("grant-all", help="let a specialist see every study (or --revoke)")
+    ug.add_argument("name")
+    ug.add_argument("--revoke", action="store_true", help="back to the studies of assigned consultations")
+    ug.set_defaults(func=cmd_user_grant_all)
 
     ck = sub.add_parser("check", help="verify that every indexed instance is stored intact")
     ck.add_argument("--repair", action="store_true", help="remove stored objects no index row refers to")

@@ -461,7 +461,8 @@ def search(
     return _search_instances(index, conds, scope, limit, offset)
 
 
-def _scoped(q: Select, scope: Scope) -> Select:
+def scoped(q: Select, scope: Scope) -> Select:
+    """``q`` (a select joining Study) narrowed to the studies ``scope`` may see."""
     if scope.partner_id is not None:
         q = q.where(Study.partner_id == scope.partner_id)
     if scope.study_id is not None:
@@ -506,7 +507,7 @@ def _search_patients(index: Index, conds: list, scope: Scope, limit: int | None,
         .group_by(Patient.id, Patient.pseudonym, Patient.sex, Patient.birth_date, Patient.partner_id)
         .order_by(_bytewise(Patient.pseudonym, index.is_sqlite), Patient.partner_id)
     )
-    q = _page(_scoped(q, scope), limit, offset)
+    q = _page(scoped(q, scope), limit, offset)
     with index.read() as s:
         rows = s.execute(q).all()
     out = []
@@ -530,7 +531,7 @@ def _search_studies(index: Index, conds: list, scope: Scope, limit: int | None, 
         .where(n_vis > 0, *conds)
         .order_by(*_study_order(index.is_sqlite))
     )
-    q = _page(_scoped(q, scope), limit, offset)
+    q = _page(scoped(q, scope), limit, offset)
     with index.read() as s:
         rows = s.execute(q).all()
         ids = [r[0].id for r in rows]
@@ -573,7 +574,7 @@ def _search_series(index: Index, conds: list, scope: Scope, limit: int | None, o
         .where(n_vis > 0, *conds)
         .order_by(*_study_order(index.is_sqlite), *_series_order(index.is_sqlite))
     )
-    q = _page(_scoped(q, scope), limit, offset)
+    q = _page(scoped(q, scope), limit, offset)
     with index.read() as s:
         rows = s.execute(q).all()
     out = []
@@ -595,7 +596,7 @@ def _search_instances(index: Index, conds: list, scope: Scope, limit: int | None
         .where(Instance.quarantine.is_(None), *conds)
         .order_by(*_study_order(index.is_sqlite), *_series_order(index.is_sqlite), *_instance_order(index.is_sqlite))
     )
-    q = _page(_scoped(q, scope), limit, offset)
+    q = _page(scoped(q, scope), limit, offset)
     with index.read() as s:
         rows = s.execute(q).all()
     out = []
@@ -657,6 +658,6 @@ def instances(
     if sop_uids is not None:
         uids = list(sop_uids)
         q = q.where(Instance.sop_uid.in_(uids) if uids else false())
-    q = _scoped(q, scope).order_by(_bytewise(Study.study_uid, index.is_sqlite), *_series_order(index.is_sqlite), *_instance_order(index.is_sqlite))
+    q = scoped(q, scope).order_by(_bytewise(Study.study_uid, index.is_sqlite), *_series_order(index.is_sqlite), *_instance_order(index.is_sqlite))
     with index.read() as s:
         return [StoredInstance(*row) for row in s.execute(q)]
