@@ -17,6 +17,8 @@ from sqlalchemy import text  # noqa: E402
 
 from storage.index import Base, Index  # noqa: E402
 
+pytest_plugins = ["browser"]  # Playwright fixtures (browser, page, viewer_server): tests/browser.py
+
 os.environ.setdefault("TCP_NODELAY", "1")  # dcmtk stalls 40 ms per C-STORE without it
 
 

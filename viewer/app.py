@@ -1,6 +1,8 @@
-"""The HTTP app. For now: health, metrics and a study list with pseudonymous fields only.
+"""The HTTP app: health, metrics, accounts, share links, DICOMweb, previews and the pages.
 
-Until accounts exist, every route but /healthz and /metrics answers loopback clients only.
+Every route needs an authenticated caller (``viewer.auth.CurrentUser``: a session, an API token,
+HTTP Basic or a share link) except ``/healthz``, ``/metrics`` (unless ``IMX_METRICS_PUBLIC`` is
+false: then loopback or an admin), the login page, the share-link entry ``/s/{token}`` and static files.
 """
 
 from __future__ import annotations
@@ -8,14 +10,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from imx.ingest import Archive
 from storage.access import Accounts
-from viewer.auth import Auth
+from viewer.auth import Auth, current_user
 
 log = logging.getLogger("imx.http")
 
@@ -29,22 +30,8 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def require_loopback(request: Request) -> None:
-    if not _is_loopback(request.client.host if request.client else None):
-        raise HTTPException(
-            status_code=403,
-            detail="This service answers only on this machine until user accounts are set up.",
-        )
-
-
-async def loopback_only(request: Request) -> None:
-    """The dependency form of :func:`require_loopback`. Async on purpose: FastAPI runs a plain
-    ``def`` dependency in its thread pool, a hand-off per request for a check that never blocks."""
-    require_loopback(request)
-
-
 def create_app(archive: Archive) -> FastAPI:
-    app = FastAPI(title="imaging-exchange", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(title="imaging-exchange", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     settings = archive.settings
     auth = Auth(Accounts(archive.index))
     app.state.auth = auth
@@ -72,8 +59,14 @@ def create_app(archive: Archive) -> FastAPI:
 
     @app.get("/metrics")
     def metrics_endpoint(request: Request) -> Response:
-        if not settings.metrics_public:
-            require_loopback(request)
+        if not settings.metrics_public and not _is_loopback(request.client.host if request.client else None):
+            caller = auth.authenticate(request)  # elsewhere than this machine: an admin's credentials
+            if caller is None or caller.role != "admin":
+                raise HTTPException(
+                    status_code=401 if caller is None else 403,
+                    detail="Metrics are private here: scrape from this machine or with an admin's API token.",
+                    headers={"WWW-Authenticate": 'Bearer realm="imaging-exchange"'} if caller is None else None,
+                )
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.core import GaugeMetricFamily
 
@@ -105,22 +98,34 @@ def create_app(archive: Archive) -> FastAPI:
         data = generate_latest(registry) + generate_latest(local)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/studies", dependencies=[Depends(loopback_only)])
-    def list_studies(
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> dict:
-        return {"studies": archive.index.list_studies(limit=limit, offset=offset), "limit": limit, "offset": offset}
+    # consultations, the worklist and /api/studies (scoped: admins see every study)
+    from viewer.consultations import consultations_router
+
+    app.include_router(consultations_router(archive))
 
     from viewer.accounts import accounts_router
 
     app.include_router(accounts_router(auth))
 
+    from viewer.shares import shares_router
+
+    app.include_router(shares_router(auth))
+
     from viewer.previews import router as previews_router
 
-    app.include_router(previews_router(archive), dependencies=[Depends(loopback_only)])
+    app.include_router(previews_router(archive), dependencies=[Depends(current_user)])
 
     from viewer.dicomweb import dicomweb_router
 
     app.include_router(dicomweb_router(archive))
+
+    # the image viewer's series metadata and lossless frames
+    from viewer.pixels import pixels_router
+
+    app.include_router(pixels_router(archive))
+
+    # the HTML pages, /static and the security headers
+    from viewer.ui import install_ui
+
+    install_ui(app)
     return app
