@@ -18,6 +18,8 @@ sends studies with dcmtk's storescu; :class:`ApiClient` calls the JSON API as a 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from dicomfiles import expected_uid, make_ct_series, storescu
 from services import ImxServer
@@ -342,3 +345,35 @@ def record_requests(page: Any) -> list[str]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, ensure_ascii=False)
+
+
+# -- reading what the viewer shows -------------------------------------------------------------
+def canvas_pixels(page: Any) -> np.ndarray:
+    """The image canvas's pixels (grey: the red channel), at the image's own resolution."""
+    data = page.evaluate(
+        """() => {
+        const c = document.querySelector('#view canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let s = '';
+        for (let i = 0; i < d.length; i += 4) s += String.fromCharCode(d[i]);
+        return {w: c.width, h: c.height, b64: btoa(s)};
+    }"""
+    )
+    return np.frombuffer(base64.b64decode(data["b64"]), dtype=np.uint8).reshape(data["h"], data["w"])
+
+
+def server_rendered(page: Any, url: str) -> np.ndarray:
+    from PIL import Image
+
+    b64 = page.evaluate(
+        """async (url) => {
+        const r = await fetch(url, {headers: {Accept: 'image/png'}});
+        if (!r.ok) throw new Error('HTTP ' + r.status);
+        const b = new Uint8Array(await r.arrayBuffer());
+        let s = '';
+        for (let i = 0; i < b.length; i++) s += String.fromCharCode(b[i]);
+        return btoa(s);
+    }""",
+        url,
+    )
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("L"))

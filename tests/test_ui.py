@@ -12,7 +12,16 @@ from typing import Any
 
 import httpx
 import pytest
-from browser import ADMIN, SCREENSHOTS, ViewerServer, login, record_requests, wait_ready
+from browser import (
+    ADMIN,
+    SCREENSHOTS,
+    ViewerServer,
+    canvas_pixels,
+    login,
+    record_requests,
+    server_rendered,
+    wait_ready,
+)
 
 from viewer.i18n_server import format_datetime
 
@@ -205,6 +214,28 @@ def test_login_wrong_then_right_and_worklist(world: World, page: Any) -> None:
     # the prior is in no consultation of hers: a specialist is not offered it
     assert page.locator(f"#c-priors li[data-study='{world.prior_study.study_uid}']").count() == 0
     assert page.locator("#opinion-form").is_visible()  # assigned: may answer
+    # open the study in the viewer: the canvas shows the server's rendering of the same window
+    page.locator(".study a.open-viewer").first.click()
+    page.wait_for_url(re.compile(r"/viewer\?study="))
+    wait_ready(page)
+    page.wait_for_function(
+        "() => window.__imx && window.__imx.state && window.__imx.state().lossless", timeout=30_000
+    )
+    page.evaluate("() => window.__imx.actualSize()")
+    state = page.evaluate("() => window.__imx.state()")
+    win = state["window"]
+    got = canvas_pixels(page)
+    want = server_rendered(
+        page,
+        f"/dicomweb/studies/{world.demo_study.study_uid}/series/{state['series_uid']}"
+        f"/instances/{state['sop_uid']}/frames/1/rendered?window={win['center']},{win['width']}",
+    )
+    assert got.shape == want.shape
+    assert (abs(got.astype(int) - want.astype(int)) <= 2).mean() >= 0.99
+    assert got.std() > 10  # an image, not a blank canvas
+    page.go_back()
+    page.wait_for_url(f"{base}/consultations/{world.consultation['id']}")
+    wait_ready(page)
     # log out: back to the login page, and / needs a login again
     page.click("#logout")
     page.wait_for_url(re.compile(r"/login$"))

@@ -5,15 +5,13 @@ image appears over a throttled link (1 Mbit/s, 300 ms)."""
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from browser import ViewerServer, wait_ready
+from browser import ViewerServer, canvas_pixels, server_rendered, wait_ready
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -83,37 +81,6 @@ def open_viewer(page: Any, site: dict[str, Any], study_uid: str) -> None:
     page.goto(f"{site['server'].base_url}/viewer?study={study_uid}")
     wait_ready(page)
     page.wait_for_function("() => window.__imx && window.__imx.state && window.__imx.state().lossless", timeout=30_000)
-
-
-def canvas_pixels(page: Any) -> np.ndarray:
-    """The image canvas's pixels (grey: the red channel), at the image's own resolution."""
-    data = page.evaluate(
-        """() => {
-        const c = document.querySelector('#view canvas');
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let s = '';
-        for (let i = 0; i < d.length; i += 4) s += String.fromCharCode(d[i]);
-        return {w: c.width, h: c.height, b64: btoa(s)};
-    }"""
-    )
-    return np.frombuffer(base64.b64decode(data["b64"]), dtype=np.uint8).reshape(data["h"], data["w"])
-
-
-def server_rendered(page: Any, url: str) -> np.ndarray:
-    from PIL import Image
-
-    b64 = page.evaluate(
-        """async (url) => {
-        const r = await fetch(url, {headers: {Accept: 'image/png'}});
-        if (!r.ok) throw new Error('HTTP ' + r.status);
-        const b = new Uint8Array(await r.arrayBuffer());
-        let s = '';
-        for (let i = 0; i < b.length; i++) s += String.fromCharCode(b[i]);
-        return btoa(s);
-    }""",
-        url,
-    )
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("L"))
 
 
 def test_the_canvas_matches_the_servers_rendering_and_windows_scrolls_and_measures(page: Any, site: dict[str, Any]) -> None:

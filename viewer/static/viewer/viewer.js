@@ -187,17 +187,14 @@ class Pane {
     const delta = n - this.index;
     this.index = n;
     const s = this.current;
-    if (!s.lossless && !s.lossy) {
-      // on a slow link the quick lossy frame must not share the line with lossless frames:
-      // lossless loads start once it is shown (or has failed)
-      this.loadLossy(n, () => {
-        if (n === this.index) this.loadLossless(n);
-        this.pump();
-      });
-    } else {
-      if (!s.lossless) this.loadLossless(n);
-      this.pump();
-    }
+    // On a slow link nothing shares the line with what is needed now: first the quick lossy
+    // frame, then this slice's lossless pixels alone, and only then the neighbours (pump runs
+    // when a lossless load ends).
+    const lossless = () => {
+      if (n !== this.index || !this.loadLossless(n)) this.pump();
+    };
+    if (!s.lossless && !s.lossy) this.loadLossy(n, lossless);
+    else lossless();
     this.draw();
     if (delta && this.onSlice) this.onSlice(this, delta);
   }
