@@ -515,3 +515,32 @@ def test_remove_partner_with_identity_rows_is_deactivated(index: Index) -> None:
     index.claim_identity(p, "patient", "1" * 64, ["P-1"], b"x")  # the instance itself was refused
     assert index.remove_partner("A") == "deactivated"
     assert index.identity(p, "patient", "1" * 64) == ("P-1", b"x")
+
+
+def test_instance_metadata_is_kept_with_the_preview_status_and_tied_to_its_object(index: Index) -> None:
+    """Schema 0005: the render workers' DICOM JSON, recorded in the transaction that settles the
+    instance; a row made from another object (replaced after masking) is not returned."""
+    p = index.add_partner("A", "A").id
+    records = [rec(p, 1, 1, n) for n in range(3)]
+    for r in records:
+        index.add_instance(r)
+    ids = {t["object_key"]: t["id"] for t in index.pending_previews(10)}
+    a, b, c = (r.object_key for r in records)
+    assert index.instance_metadata([a, b, c, "obj/none"]) == {k: (ids[k], None) for k in (a, b, c)}
+    index.settle_previews(
+        [
+            (ids[a], "ok", None, ("r/1.jpg", "image/jpeg", 10), (a, b"json-a")),
+            (ids[b], "unrenderable", "no pixel data", None, (b, b"json-b")),
+        ]
+    )
+    assert index.pending_previews(10)[0]["id"] == ids[c]  # c is still queued
+    assert index.rendition(ids[a], "preview", 1) == ("r/1.jpg", "image/jpeg")
+    index.set_preview_status(ids[c], "ok", None, ("obj/masked-elsewhere", b"json-c"))
+    got = index.instance_metadata([a, b, c])
+    assert got == {a: (ids[a], b"json-a"), b: (ids[b], b"json-b"), c: (ids[c], None)}
+    index.put_metadata([(ids[c], c, b"json-c2"), (ids[a], a, b"json-a2")])  # replaces
+    assert index.instance_metadata([a, c]) == {a: (ids[a], b"json-a2"), c: (ids[c], b"json-c2")}
+    # a batch whose preview was recorded meanwhile records nothing
+    with pytest.raises(sa_exc.IntegrityError):
+        index.settle_previews([(ids[a], "ok", None, ("r/2.jpg", "image/jpeg", 10), (a, b"x"))])
+    assert index.instance_metadata([a])[a] == (ids[a], b"json-a2")
