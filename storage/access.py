@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, select, update
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    Row,
+    String,
+    Text,
+    bindparam,
+    select,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -141,6 +152,30 @@ class ConsultationSpecialist(Base):
 
 
 # -- reads and writes ------------------------------------------------------------------------------
+# What a request's credential resolves to: the user's columns that make a Principal.
+_USER_COLUMNS = (User.id, User.name, User.role, User.partner_id, User.all_studies, User.locale, User.time_zone)
+_SESSION_LOOKUP = (
+    select(*_USER_COLUMNS, WebSession.csrf_token)
+    .join(User, User.id == WebSession.user_id)
+    .where(
+        WebSession.secret_hash == bindparam("secret"),
+        WebSession.revoked_at.is_(None),
+        WebSession.expires_at > bindparam("now"),
+        User.active.is_(True),
+    )
+)
+_TOKEN_LOOKUP = (
+    select(*_USER_COLUMNS, ApiToken.id.label("token_id"), ApiToken.last_used_at)
+    .join(User, User.id == ApiToken.user_id)
+    .where(
+        ApiToken.secret_hash == bindparam("secret"),
+        ApiToken.revoked_at.is_(None),
+        ApiToken.expires_at.is_(None) | (ApiToken.expires_at > bindparam("now")),
+        User.active.is_(True),
+    )
+)
+
+
 class UserExists(ValueError):
     pass
 
@@ -213,21 +248,13 @@ class Accounts:
                 )
             )
 
-    def session(self, secret_hash: str) -> tuple[WebSession, User] | None:
-        """The live session with this secret and its active user, or None."""
-        now = utcnow()
-        with self.index.read() as s:
-            row = s.execute(
-                select(WebSession, User)
-                .join(User, User.id == WebSession.user_id)
-                .where(
-                    WebSession.secret_hash == secret_hash,
-                    WebSession.revoked_at.is_(None),
-                    WebSession.expires_at > now,
-                    User.active.is_(True),
-                )
-            ).first()
-        return (row[0], row[1]) if row else None
+    def session(self, secret_hash: str) -> Row | None:
+        """The live session with this secret, joined with its active user: a row with the
+        user's columns (id, name, role, partner_id, all_studies, locale, time_zone) and the
+        session's ``csrf_token``; or None. Every request asks this, so it is one Core SELECT by a
+        unique key (a fifth of what the ORM takes)."""
+        with self.index.engine.connect() as conn:
+            return conn.execute(_SESSION_LOOKUP, {"secret": secret_hash, "now": utcnow()}).first()
 
     def revoke_session(self, secret_hash: str) -> None:
         with self.index.write() as s:
@@ -249,20 +276,11 @@ class Accounts:
             s.flush()
             return tok.id
 
-    def token(self, secret_hash: str) -> tuple[ApiToken, User] | None:
-        now = utcnow()
-        with self.index.read() as s:
-            row = s.execute(
-                select(ApiToken, User)
-                .join(User, User.id == ApiToken.user_id)
-                .where(
-                    ApiToken.secret_hash == secret_hash,
-                    ApiToken.revoked_at.is_(None),
-                    (ApiToken.expires_at.is_(None)) | (ApiToken.expires_at > now),
-                    User.active.is_(True),
-                )
-            ).first()
-        return (row[0], row[1]) if row else None
+    def token(self, secret_hash: str) -> Row | None:
+        """The live API token with this secret, joined with its active user: a row with the
+        user's columns (as :meth:`session`), ``token_id`` and ``last_used_at``; or None."""
+        with self.index.engine.connect() as conn:
+            return conn.execute(_TOKEN_LOOKUP, {"secret": secret_hash, "now": utcnow()}).first()
 
     def revoke_token(self, token_id: int, user_id: int | None = None) -> bool:
         with self.index.write() as s:

@@ -39,6 +39,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Row
 
 from imx.logs import event
 from storage.access import Accounts, User
@@ -120,7 +121,8 @@ class Principal:
     share_id: int | None = None
 
     @classmethod
-    def of(cls, user: User, via: str, csrf_token: str | None = None) -> Principal:
+    def of(cls, user: User | Row, via: str, csrf_token: str | None = None) -> Principal:
+        """From a User, or a row of the user's columns (``Accounts.session``/``token``)."""
         return cls(
             user_id=user.id,
             name=user.name,
@@ -288,11 +290,9 @@ class Auth:
                 found = self.accounts.token(secret_hash(value.strip()))
                 if found is None:
                     return None
-                token, user = found
-                now = utcnow()
-                if token.last_used_at is None or now - token.last_used_at > TOKEN_TOUCH_INTERVAL:
-                    self.accounts.touch_token(token.id)  # at most one write per token and interval
-                return Principal.of(user, "token")
+                if found.last_used_at is None or utcnow() - found.last_used_at > TOKEN_TOUCH_INTERVAL:
+                    self.accounts.touch_token(found.token_id)  # at most one write per token and interval
+                return Principal.of(found, "token")
             if scheme == "basic":
                 return self._basic(value.strip(), request)
             return None
@@ -300,8 +300,7 @@ class Auth:
         if cookie:
             found = self.accounts.session(secret_hash(cookie))
             if found:
-                session, user = found
-                return Principal.of(user, "session", session.csrf_token)
+                return Principal.of(found, "session", found.csrf_token)
         share = request.cookies.get(SHARE_COOKIE)
         if share:
             live = self.accounts.share(secret_hash(share))
