@@ -17,11 +17,17 @@ What it does:
 
    - imx ``GET /api/series/{uid}/thumbnail`` (kept series thumbnails), ``GET
      /api/instances/{uid}/rendered`` (the kept 512 px JPEG preview), and, rendered on demand
-     (parameters given, so nothing kept is used), ``?format=png`` and ``?format=jpeg`` at full size;
+     (parameters given, so nothing kept is used), ``?format=png`` and ``?format=jpeg`` at full size
+     (then ``&window=40,400``: another window of the same instance, warm) for every other
+     instance, and DICOMweb ``.../rendered`` for the others (each instance's first on-demand
+     render is cold: nothing of it was parsed for one before);
    - Orthanc ``GET /instances/{id}/preview`` (PNG), DICOMweb ``GET .../instances/{uid}/rendered``
      (JPEG) and ``.../thumbnail`` when the plugin has it.
 
    A few requests warm each kind up first; no ETag is sent, so every answer is a full 200.
+   Both servers run side by side, and the kinds compared take turns in blocks of 20 requests
+   (``measure_interleaved``): a machine whose load changes during the run (other work, a shared
+   CI box) then weighs on both alike, not on whichever ran then.
 4. Prints per-request p50/p95 in ms and requests/s for each, then the ratios imx/Orthanc (time per
    request: below 1 means imx is faster). The last line is
    ``imx/orthanc p50: PNG X.XXx, JPEG Y.YYx (imx png A ms, jpeg B ms; orthanc preview C ms, rendered D ms)``.
@@ -203,36 +209,51 @@ def measure(name: str, client: Client, paths: list[str], expect: str, warmup: in
     return Figure(name, times, errors, total)
 
 
-def measure_pairs(
-    names: tuple[str, str],
-    client: Client,
-    pairs: list[tuple[str, str]],
-    expect: str,
-    warmup: int = 5,
-) -> tuple[Figure, Figure]:
-    """For each instance, two requests in a row: its first render (cold: nothing of it was
-    parsed for an on-demand render before) and then another window of the same instance (warm,
-    as when a viewer adjusts the window). One figure each."""
-    for a, b in pairs[:warmup]:
-        client.get(a)
-        client.get(b)
-    out = []
-    for which in (0, 1):
-        out.append(Figure(names[which], [], 0, 0))
-    for pair in pairs[warmup:]:
-        for which, path in enumerate(pair):
-            fig = out[which]
-            t0 = time.perf_counter()
-            status, ctype, body = client.get(path)
-            dt = time.perf_counter() - t0
-            if status != 200 or not ctype.startswith(expect):
-                fig.errors += 1
-                if fig.errors == 1:
-                    log(f"  {fig.name}: GET {path} -> HTTP {status} {ctype} {body[:200]!r}")
-                continue
-            fig.times.append(dt)
-            fig.bytes += len(body)
-    return out[0], out[1]
+BLOCK = 20  # requests in a row to one server before the other takes its turn
+
+
+def measure_interleaved(
+    kinds: list[tuple[str, Client, list[str | None], str]], warmup: int = 5, block: int = BLOCK
+) -> list[Figure]:
+    """One figure per kind (name, client, paths, expected media type). The two servers take
+    turns in blocks of ``block`` steps: a server's kinds make the i-th request of each, in the
+    order given, then the (i+1)-th... to the end of the block, then the other server's kinds do
+    the same steps. A load of the machine that changes during the run (other work, a shared CI
+    box) thus weighs on both servers alike, while each answers runs of requests as it would
+    alone; a kind's requests for one instance follow each other (a cold render, then a warm one).
+    A path None is skipped. The first ``warmup`` steps are not counted."""
+    figures = [Figure(name, [], 0, 0) for name, *_ in kinds]
+    servers: list[list[int]] = []  # kinds by client, in order of first appearance
+    for k, (_, client, _, _) in enumerate(kinds):
+        group = next((g for g in servers if kinds[g[0]][1] is client), None)
+        if group is None:
+            servers.append([k])
+        else:
+            group.append(k)
+    steps = max(len(paths) for _, _, paths, _ in kinds)
+    for first in range(0, steps, block):
+        for group in servers:
+            for i in range(first, min(first + block, steps)):
+                for k in group:
+                    _, client, paths, expect = kinds[k]
+                    fig = figures[k]
+                    if i >= len(paths) or paths[i] is None:
+                        continue
+                    t0 = time.perf_counter()
+                    status, ctype, body = client.get(paths[i])  # type: ignore[arg-type]
+                    dt = time.perf_counter() - t0
+                    if i < warmup:
+                        continue
+                    if status != 200 or not ctype.startswith(expect):
+                        fig.errors += 1
+                        if fig.errors == 1:
+                            log(
+                                f"  {fig.name}: GET {paths[i]} -> HTTP {status} {ctype} {body[:200]!r}"
+                            )
+                        continue
+                    fig.times.append(dt)
+                    fig.bytes += len(body)
+    return figures
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
@@ -267,11 +288,10 @@ def orthanc_targets(client: Client) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def run_imx(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> dict[str, Figure]:
+def start_imx(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> ImxRender:
     server = ImxRender(
         Path(tempfile.mkdtemp(prefix="imx-", dir=scratch)), args.venv, args.preview_workers
     )
-    figures: dict[str, Figure] = {}
     try:
         server.start()
         send_all(server, corpus, server.workdir, 120 + 0.5 * n)
@@ -281,90 +301,111 @@ def run_imx(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> di
             lambda: server.pending()[1] == 0 and server.pending()[0] >= n,
             120 + n,
         )
-        log(
-            f"imx: background previews of {server.pending()[0]} instances done {time.perf_counter() - t0:.1f} s after the send"
-        )
-        sops, series = server.uids()
-        c = Client(server.http_port, {"Authorization": f"Bearer {server._token()}"})
-        thumbs = [f"/api/series/{s}/thumbnail" for s in series]
-        thumbs = (thumbs * (-(-len(sops) // max(1, len(thumbs)))))[
-            : len(sops)
-        ]  # as many requests as instances
-        figures["thumb"] = measure("imx series thumbnail (kept)", c, thumbs, "image/jpeg")
-        figures["preview"] = measure(
-            "imx preview 512 JPEG (kept)",
-            c,
-            [f"/api/instances/{u}/rendered" for u in sops],
-            "image/jpeg",
-        )
-        figures["jpeg"], figures["jpeg_warm"] = measure_pairs(
-            ("imx rendered JPEG (on demand, cold)", "imx JPEG, another window (warm)"),
-            c,
-            [
-                (
-                    f"/api/instances/{u}/rendered?format=jpeg",
-                    f"/api/instances/{u}/rendered?format=jpeg&window=40,400",
-                )
-                for u in sops
-            ],
-            "image/jpeg",
-        )
-        figures["dw_jpeg"] = measure(
-            "imx DICOMweb /rendered JPEG",
-            c,
-            [
-                f"/dicomweb/studies/{st}/series/{se}/instances/{u}/rendered"
-                for u, st, se in server.tree()
-            ],
-            "image/jpeg",
-        )
-        figures["png"] = measure(
-            "imx rendered PNG (on demand)",
-            c,
-            [f"/api/instances/{u}/rendered?format=png" for u in sops],
-            "image/png",
-        )
-    finally:
+    except BaseException:
         server.stop()
-        if not args.keep:
-            shutil.rmtree(server.workdir, ignore_errors=True)
-    return figures
+        raise
+    log(
+        f"imx: background previews of {server.pending()[0]} instances done {time.perf_counter() - t0:.1f} s after the send"
+    )
+    return server
 
 
-def run_orthanc(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> dict[str, Figure]:
+def start_orthanc(args: argparse.Namespace, corpus: Path, scratch: Path, n: int) -> OrthancRender:
     server = OrthancRender(Path(tempfile.mkdtemp(prefix="orthanc-", dir=scratch)))
-    figures: dict[str, Figure] = {}
     try:
         server.start()
         send_all(server, corpus, server.workdir, 120 + 0.5 * n)
-        c = Client(server.http_port)
         wait_for("orthanc instances", lambda: server.count() >= n, 60)
-        targets = orthanc_targets(c)
-        dw = [f"/dicom-web/studies/{st}/series/{se}/instances/{sop}" for _, st, se, sop in targets]
-        figures["jpeg"], figures["jpeg_warm"] = measure_pairs(
-            ("orthanc DICOMweb /rendered JPEG", "orthanc /rendered, another window"),
-            c,
-            [(f"{p}/rendered", f"{p}/rendered?window=40,400,linear") for p in dw],
-            "image/jpeg",
-        )
-        figures["png"] = measure(
-            "orthanc /instances/{id}/preview PNG",
-            c,
-            [f"/instances/{i}/preview" for i, *_ in targets],
-            "image/png",
-        )
-        status, _, _ = c.get(f"{dw[0]}/thumbnail")
-        if status == 200:
-            figures["thumb"] = measure(
-                "orthanc DICOMweb /thumbnail", c, [f"{p}/thumbnail" for p in dw], "image/"
-            )
-        else:
-            log(f"orthanc: DICOMweb /thumbnail answers HTTP {status}; not measured")
-    finally:
+    except BaseException:
         server.stop()
-        if not args.keep:
-            shutil.rmtree(server.workdir, ignore_errors=True)
-    return figures
+        raise
+    return server
+
+
+def run(
+    imx_server: ImxRender, orthanc_server: OrthancRender
+) -> tuple[dict[str, Figure], dict[str, Figure]]:
+    """Every kind of request, imx's and Orthanc's counterparts interleaved (measure_interleaved):
+    both servers run side by side, each idle while the other answers."""
+    imx: dict[str, Figure] = {}
+    orth: dict[str, Figure] = {}
+    sops, series = imx_server.uids()
+    c = Client(imx_server.http_port, {"Authorization": f"Bearer {imx_server._token()}"})
+    o = Client(orthanc_server.http_port)
+    targets = orthanc_targets(o)
+    dw = [f"/dicom-web/studies/{st}/series/{se}/instances/{sop}" for _, st, se, sop in targets]
+    thumbs = [f"/api/series/{s}/thumbnail" for s in series]
+    thumbs = (thumbs * (-(-len(sops) // max(1, len(thumbs)))))[
+        : len(sops)
+    ]  # as many requests as instances
+    imx["thumb"] = measure("imx series thumbnail (kept)", c, thumbs, "image/jpeg")
+    imx["preview"] = measure(
+        "imx preview 512 JPEG (kept)",
+        c,
+        [f"/api/instances/{u}/rendered" for u in sops],
+        "image/jpeg",
+    )
+    # every instance once cold on each server: imx's even ones through /api (then another window,
+    # warm), its odd ones through DICOMweb; each of Orthanc's through DICOMweb (then another window)
+    tree = imx_server.tree()
+    even: list[str | None] = [u if i % 2 == 0 else None for i, (u, _, _) in enumerate(tree)]
+    odd: list[str | None] = [
+        f"/dicomweb/studies/{st}/series/{se}/instances/{u}/rendered" if i % 2 else None
+        for i, (u, st, se) in enumerate(tree)
+    ]
+    imx["jpeg"], imx["jpeg_warm"], imx["dw_jpeg"], orth["jpeg"], orth["jpeg_warm"] = (
+        measure_interleaved(
+            [
+                (
+                    "imx rendered JPEG (on demand, cold)",
+                    c,
+                    [f"/api/instances/{u}/rendered?format=jpeg" if u else None for u in even],
+                    "image/jpeg",
+                ),
+                (
+                    "imx JPEG, another window (warm)",
+                    c,
+                    [
+                        f"/api/instances/{u}/rendered?format=jpeg&window=40,400" if u else None
+                        for u in even
+                    ],
+                    "image/jpeg",
+                ),
+                ("imx DICOMweb /rendered JPEG (cold)", c, odd, "image/jpeg"),
+                ("orthanc DICOMweb /rendered JPEG", o, [f"{p}/rendered" for p in dw], "image/jpeg"),
+                (
+                    "orthanc /rendered, another window",
+                    o,
+                    [f"{p}/rendered?window=40,400,linear" for p in dw],
+                    "image/jpeg",
+                ),
+            ]
+        )
+    )
+    imx["png"], orth["png"] = measure_interleaved(
+        [
+            (
+                "imx rendered PNG (on demand)",
+                c,
+                [f"/api/instances/{u}/rendered?format=png" for u in sops],
+                "image/png",
+            ),
+            (
+                "orthanc /instances/{id}/preview PNG",
+                o,
+                [f"/instances/{i}/preview" for i, *_ in targets],
+                "image/png",
+            ),
+        ]
+    )
+    status, _, _ = o.get(f"{dw[0]}/thumbnail")
+    if status == 200:
+        orth["thumb"] = measure(
+            "orthanc DICOMweb /thumbnail", o, [f"{p}/thumbnail" for p in dw], "image/"
+        )
+    else:
+        log(f"orthanc: DICOMweb /thumbnail answers HTTP {status}; not measured")
+    return imx, orth
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -415,8 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"corpus: {n} CT instances; machine load average {load:.2f} (other work skews the figures)"
         )
-        imx = run_imx(args, root, scratch, n)
-        orth = run_orthanc(args, root, scratch, n)
+        servers: list[ingest_bench.Server] = []
+        try:
+            servers.append(start_imx(args, root, scratch, n))
+            servers.append(start_orthanc(args, root, scratch, n))
+            imx, orth = run(servers[0], servers[1])  # type: ignore[arg-type]
+        finally:
+            for server in servers:
+                server.stop()
     except KeyboardInterrupt:
         log("interrupted")
         return 130

@@ -477,6 +477,10 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: Any, limit: float) ->
         return False
     finally:
         loop.remove_reader(fd)
+        if not os.get_blocking(fd):
+            # uvloop makes a watched descriptor non-blocking, and ``Connection.recv`` then fails
+            # with EAGAIN on a reply that has not fully arrived
+            os.set_blocking(fd, True)
 
 
 # -- the job run in a worker -------------------------------------------------------------------

@@ -541,10 +541,65 @@ def test_images_need_credentials_from_any_host(tmp_path: Path) -> None:
             "/api/instances/2.25.1/rendered",
             "/api/instances/2.25.1/frames/1/rendered",
             "/api/series/2.25.1/thumbnail",
+            # answered ahead of the router (viewer.previews.FastImages): the same 401
+            "/dicomweb/studies/2.25.1/series/2.25.2/instances/2.25.3/rendered",
+            "/dicomweb/studies/2.25.1/series/2.25.2/instances/2.25.3/frames/1/rendered",
         ):
             for host in ("127.0.0.1", "203.0.113.9"):
                 r = TestClient(app, client=(host, 40000)).get(path)
                 assert r.status_code == 401 and r.headers["www-authenticate"], (host, path)
+                assert r.json()["detail"].startswith("Log in first"), path
+                assert r.headers["x-content-type-options"] == "nosniff", path  # security headers
+            bad = {"Authorization": "Bearer not-a-token"}
+            assert TestClient(app).get(path, headers=bad).status_code == 401, path
+        # a script's request loses the Basic challenge, as on every other route (viewer.ui)
+        r = TestClient(app).get(
+            "/dicomweb/studies/2.25.1/series/2.25.2/instances/2.25.3/rendered",
+            headers={"Sec-Fetch-Mode": "cors"},
+        )
+        assert r.status_code == 401 and "Basic" not in r.headers["www-authenticate"]
+    finally:
+        archive.close()
+
+
+def test_the_fast_image_paths_are_exactly_routes_of_the_app(tmp_path: Path) -> None:
+    """FastImages answers only paths the router has a GET route for (the same path pattern), and
+    sits inside the security headers."""
+    from fastapi.routing import APIRoute
+
+    from imx.config import Settings, ensure_layout
+    from imx.ingest import Archive
+    from viewer.app import create_app
+    from viewer.previews import FastImages, route
+    from viewer.ui import SecurityHeaders
+
+    settings = Settings.load(data_dir=tmp_path / "data")
+    ensure_layout(settings)
+    archive = Archive(settings)
+    try:
+        app = create_app(archive)
+        classes = [m.cls for m in app.user_middleware]
+        assert classes.index(SecurityHeaders) < classes.index(FastImages)  # outer first
+        (fast,) = [m for m in app.user_middleware if m.cls is FastImages]
+        patterns = [p.pattern for p, _ in fast.kwargs["routes"]]
+
+        def get_paths(routes: list) -> set[str]:  # included routers are kept whole, or flattened
+            out = set()
+            for r in routes:
+                if isinstance(r, APIRoute) and "GET" in r.methods:
+                    out.add(route(r.path).pattern)
+                elif getattr(r, "original_router", None) is not None:
+                    out |= get_paths(r.original_router.routes)
+            return out
+
+        gets = get_paths(app.routes)
+        assert len(patterns) == 4 and set(patterns) <= gets
+        assert route("/api/instances/{sop_uid}/frames/{n}/rendered").fullmatch(
+            "/api/instances/2.25.1/frames/3/rendered"
+        )
+        assert not route("/api/instances/{sop_uid}/rendered").fullmatch(
+            "/api/instances/2.25.1/x/rendered"
+        )
     finally:
         archive.close()
 
@@ -827,3 +882,99 @@ def test_a_worker_keeps_parsed_objects_for_the_next_render_and_renders_the_same(
     with pytest.raises(JobFailed) as e:  # another key is read afresh
         pool.call(render_job, "/nonexistent/object.dcm", spec, 192 * 1024 * 1024, "k:2")
     assert e.value.kind == "unrenderable"
+
+
+def test_a_reply_larger_than_the_pipe_buffer_reaches_an_event_loop_of_uvloop(
+    pool: RenderPool,
+) -> None:
+    """uvloop makes the descriptor it watches non-blocking: a reply arriving in pieces then made
+    ``Connection.recv`` fail ('the renderer process died (exit code None)') until call_async
+    gave the pipe back its blocking mode."""
+    import uvloop
+
+    async def scenario() -> None:
+        for n in (10, 4 * 1024 * 1024, 300_000, 4 * 1024 * 1024):
+            assert len(await pool.call_async(os.urandom, n)) == n
+        assert pool.replaced == 0
+        assert pool.call(len, b"x" * 5_000_000) == 5_000_000  # and call() after it
+
+    uvloop.run(scenario())
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_visible_instance_is_the_retrieve_rule_in_one_prepared_select(served, index: Index) -> None:
+    """viewer.previews.visible_instance answers what storage.query.instances finds, for every
+    scope shape, study and series given or not."""
+    from storage.query import Scope, instances
+    from viewer.previews import visible_instance
+
+    _, sent = served
+    (si,) = instances(index, Scope(None), sop_uids=[sent.ct[0]])
+    demo = Scope(1)
+    for scope, expected in (
+        (Scope(None), True),
+        (demo, True),
+        (Scope(sent.strict_partner_id), False),
+        (Scope(None, study_id=-1), False),
+        (Scope(None, specialist_id=-1), False),  # no consultation: nothing
+    ):
+        for study, series in ((None, None), (si.study_uid, None), (si.study_uid, si.series_uid)):
+            got = visible_instance(index, scope, sent.ct[0], study_uid=study, series_uid=series)
+            assert got is expected, (scope, study, series)
+            found = instances(
+                index, scope, study_uid=study, series_uid=series, sop_uids=[sent.ct[0]]
+            )
+            assert got is bool(found)
+    other_series = instances(index, Scope(None), sop_uids=[sent.good_after])[0].series_uid
+    assert not visible_instance(index, demo, sent.ct[0], series_uid=other_series)
+    assert not visible_instance(index, demo, sent.ct[0], study_uid="2.25.1")
+    assert not visible_instance(index, Scope(None), sent.quarantined)  # held back: as instances()
+    assert not visible_instance(index, Scope(None), "2.25." + "1" * 70)  # no UID is that long
+    assert not visible_instance(index, Scope(None), "2.25.1")
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_dicomweb_rendered_frames_take_the_fast_path_with_the_routes_answers(
+    served, index: Index
+) -> None:
+    """WADO-RS /rendered over a real server: the image, ETag and caching of the route, 304, the
+    security headers, and 404 for an instance named under another series or study."""
+    from storage.query import Scope, instances
+
+    server, sent = served
+    wait_settled(index, sent.ct)
+    (si,) = instances(index, Scope(None), sop_uids=[sent.ct[1]])
+    base = f"/dicomweb/studies/{si.study_uid}/series/{si.series_uid}/instances/{si.sop_uid}"
+    r = http(server, f"{base}/frames/1/rendered?window=40,400")
+    assert r.status == 200 and r.headers["content-type"] == "image/jpeg", r.body[:200]
+    assert r.headers["cache-control"] == "private, max-age=31536000, immutable"
+    assert r.headers["vary"] == "Accept" and r.headers["x-content-type-options"] == "nosniff"
+    assert r.image().size == (si.columns, si.rows)
+    again = http(server, f"{base}/frames/1/rendered?window=40,400")
+    assert again.body == r.body and again.headers["etag"] == r.headers["etag"]
+    first = http(server, f"{base}/rendered?window=40,400")
+    assert first.headers["etag"] == r.headers["etag"]  # /rendered is frame 1
+    cached = http(server, f"{base}/rendered?window=40,400", {"If-None-Match": r.headers["etag"]})
+    assert cached.status == 304 and cached.headers["etag"] == r.headers["etag"]
+    png = http(server, f"{base}/rendered", {"Accept": "image/png"})
+    assert png.status == 200 and png.headers["content-type"] == "image/png"
+    other = instances(index, Scope(None), sop_uids=[sent.good_after])[0]
+    for path in (
+        f"/dicomweb/studies/{si.study_uid}/series/{other.series_uid}/instances/{si.sop_uid}/rendered",
+        f"/dicomweb/studies/{other.study_uid}/series/{si.series_uid}/instances/{si.sop_uid}/rendered",
+        f"/dicomweb/studies/{si.study_uid}/series/{si.series_uid}/instances/2.25.1/rendered",
+    ):
+        assert http(server, path).status == 404, path
+    assert http(server, f"{base}/frames/2/rendered").status == 404  # one frame only
+    assert http(server, f"{base}/frames/1,1/rendered").status == 400
+    assert http(server, f"{base}/rendered?window=wide").status == 400
+    assert http(server, f"{base}/rendered", {"Accept": "image/gif"}).status == 406
+    assert (
+        http(server, f"/dicomweb/studies/{si.study_uid}/series/x!/instances/1/rendered").status
+        == 400
+    )
+    # the same answer as the /api route for the same instance and parameters
+    api = http(server, f"/api/instances/{si.sop_uid}/frames/1/rendered?window=40,400&format=jpeg")
+    assert api.status == 200 and api.body == r.body

@@ -111,18 +111,23 @@ def create_app(archive: Archive) -> FastAPI:
 
     app.include_router(shares_router(auth))
 
+    from viewer.previews import FastImages
     from viewer.previews import router as previews_router
 
-    app.include_router(previews_router(archive), dependencies=[Depends(current_user)])
+    fast: list = []  # the hot image GETs, answered by FastImages ahead of the router
+    app.include_router(previews_router(archive, fast), dependencies=[Depends(current_user)])
 
     from viewer.dicomweb import dicomweb_router
 
-    app.include_router(dicomweb_router(archive))
+    app.include_router(dicomweb_router(archive, fast))
 
     # the image viewer's series metadata and lossless frames
     from viewer.pixels import pixels_router
 
     app.include_router(pixels_router(archive))
+
+    # added before the security headers, so that they wrap it (the last added is the outermost)
+    app.add_middleware(FastImages, routes=fast)
 
     # the HTML pages, /static and the security headers
     from viewer.ui import install_ui

@@ -23,6 +23,7 @@ transfer syntaxes), 10.4 (Retrieve: instances, metadata, frames, bulk data), 10.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -35,7 +36,7 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -71,6 +72,8 @@ from storage.query import (
     search,
 )
 from viewer.auth import Principal, audit, current_user
+from viewer.previews import FastRoute, off_loop_unless_sqlite, visible_instance
+from viewer.previews import route as fast_route
 
 log = logging.getLogger("imx.dicomweb")
 
@@ -570,8 +573,9 @@ def parse_qido(request: Request, level: Level) -> QidoQuery:
 
 
 # -- the router --------------------------------------------------------------------------------------------------
-def dicomweb_router(archive: Archive) -> APIRouter:
-    """The DICOMweb routes over ``archive`` (prefix ``/dicomweb``), for authenticated callers."""
+def dicomweb_router(archive: Archive, fast: list[FastRoute] | None = None) -> APIRouter:
+    """The DICOMweb routes over ``archive`` (prefix ``/dicomweb``), for authenticated callers;
+    the handlers of the one-frame rendered routes are added to ``fast`` (viewer.previews.FastImages)."""
     router = APIRouter(prefix="/dicomweb", dependencies=[Depends(current_user)], tags=["dicomweb"])
     index = archive.index
     settings = archive.settings
@@ -611,18 +615,35 @@ def dicomweb_router(archive: Archive) -> APIRouter:
         def wrapper(*args: Any, **kwargs: Any) -> Response:
             try:
                 return fn(*args, **kwargs)
-            except DicomwebError as e:
-                return problem(e.status, e.title, e.detail, e.headers)
-            except QueryError as e:
-                return problem(400, "Bad Request", str(e))
-            except StoreError:
-                return problem(503, "Service Unavailable", "The object store cannot be reached; try again shortly.", {"Retry-After": "10"})
-            except MissingObject as e:
-                event(log, "stored object missing", logging.ERROR, key=str(e))
-                return problem(500, "Internal Server Error", "A stored object is missing; the operator should run imx check.")
-            except Exception as e:  # never a stack trace (or a value from a dataset) to the client
-                event(log, "dicomweb request failed", logging.ERROR, route=fn.__name__, error=type(e).__name__)
-                return problem(500, "Internal Server Error", "The request failed on the server; the operator can find it in the log.")
+            except Exception as e:
+                return failure(e, fn.__name__)
+
+        return wrapper
+
+    def failure(e: Exception, route: str) -> Response:
+        """The problem document for an error of ``route`` (``guarded`` and ``guarded_async``)."""
+        if isinstance(e, DicomwebError):
+            return problem(e.status, e.title, e.detail, e.headers)
+        if isinstance(e, QueryError):
+            return problem(400, "Bad Request", str(e))
+        if isinstance(e, StoreError):
+            return problem(503, "Service Unavailable", "The object store cannot be reached; try again shortly.", {"Retry-After": "10"})
+        if isinstance(e, MissingObject):
+            event(log, "stored object missing", logging.ERROR, key=str(e))
+            return problem(500, "Internal Server Error", "A stored object is missing; the operator should run imx check.")
+        # never a stack trace (or a value from a dataset) to the client
+        event(log, "dicomweb request failed", logging.ERROR, route=route, error=type(e).__name__)
+        return problem(500, "Internal Server Error", "The request failed on the server; the operator can find it in the log.")
+
+    def guarded_async(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        """``guarded`` for the handlers that run on the event loop."""
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Response:
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as e:
+                return failure(e, fn.__name__)
 
         return wrapper
 
@@ -932,20 +953,13 @@ def dicomweb_router(archive: Archive) -> APIRouter:
         return await stow(request, study)
 
     # -- rendered and thumbnail (PS3.18 10.4.1.1.3, 8.3.5, 10.7) ---------------------------------------------
-    def rendered_image(
-        request: Request, si: StoredInstance, frame: int, thumbnail: bool, conditional: bool = True
-    ) -> tuple[bytes, str, str]:
-        """Render one frame through the preview workers (imx/previews.py), honouring If-None-Match
-        by raising a 304 before any rendering."""
+    @contextlib.contextmanager
+    def preview_errors() -> Iterator[None]:
+        """The preview workers' errors (imx/previews.py) as DICOMweb errors."""
         from imx import previews
 
-        p = render_params(request, thumbnail_size=getattr(settings, "thumbnail_size", 128) if thumbnail else None)
-        svc = previews.for_archive(archive)
         try:
-            target = svc.rendered_etag(si.sop_uid, frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality)
-            if conditional and _not_modified(request, target[1]):
-                raise _NotModified(target[1])
-            return svc.rendered(si.sop_uid, frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality, target=target)
+            yield
         except previews.NotFound as e:
             raise DicomwebError(404, "Not Found", str(e)) from None
         except previews.Quarantined:
@@ -955,12 +969,57 @@ def dicomweb_router(archive: Archive) -> APIRouter:
         except previews.Busy as e:
             raise DicomwebError(503, "Service Unavailable", str(e), {"Retry-After": "1"}) from None
 
+    def render_target(request: Request, sop: str, frame: int, thumbnail: bool, conditional: bool) -> tuple[Any, RenderParams, Any]:
+        """(Previews, parameters, the instance and ETag of the rendering); a 304 (``_NotModified``)
+        before any rendering when ``conditional`` and If-None-Match holds the ETag."""
+        from imx import previews
+
+        p = render_params(request, thumbnail_size=getattr(settings, "thumbnail_size", 128) if thumbnail else None)
+        svc = previews.for_archive(archive)
+        target = svc.rendered_etag(sop, frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality)
+        if conditional and _not_modified(request, target[1]):
+            raise _NotModified(target[1])
+        return svc, p, target
+
+    def rendered_image(
+        request: Request, si: StoredInstance, frame: int, thumbnail: bool, conditional: bool = True
+    ) -> tuple[bytes, str, str]:
+        """Render one frame through the preview workers (imx/previews.py), honouring If-None-Match
+        by raising a 304 before any rendering."""
+        with preview_errors():
+            svc, p, target = render_target(request, si.sop_uid, frame, thumbnail, conditional)
+            return svc.rendered(si.sop_uid, frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality, target=target)
+
+    def image(body: bytes, media: str, etag: str) -> Response:
+        return Response(body, media_type=media, headers={"ETag": etag, "Cache-Control": IMMUTABLE, "Vary": "Accept"})
+
+    def not_modified(etag: str) -> Response:
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE, "Vary": "Accept"})
+
     def image_response(request: Request, si: StoredInstance, frame: int, thumbnail: bool) -> Response:
         try:
-            body, media, etag = rendered_image(request, si, frame, thumbnail)
+            return image(*rendered_image(request, si, frame, thumbnail))
         except _NotModified as nm:
-            return Response(status_code=304, headers={"ETag": nm.etag, "Cache-Control": IMMUTABLE, "Vary": "Accept"})
-        return Response(body, media_type=media, headers={"ETag": etag, "Cache-Control": IMMUTABLE, "Vary": "Accept"})
+            return not_modified(nm.etag)
+
+    async def image_response_async(request: Request, study: str, series: str, sop: str, frame: int) -> Response:
+        """One rendered frame from the event loop: the instance checked as ``resolve`` does, with
+        one prepared SELECT (``viewer.previews.visible_instance``; in a thread with PostgreSQL),
+        the job handed to a render worker without a thread in between (``Previews.rendered_async``)."""
+        _check_uid(study, "Study Instance UID")
+        _check_uid(series, "Series Instance UID")
+        _check_uid(sop, "SOP Instance UID")
+        scope = scope_of(request)
+        if not await off_loop_unless_sqlite(
+            archive, lambda: visible_instance(index, scope, sop, study_uid=study, series_uid=series)
+        ):
+            raise _not_found("instance")
+        try:
+            with preview_errors():
+                svc, p, target = await off_loop_unless_sqlite(archive, lambda: render_target(request, sop, frame, False, True))
+                return image(*await svc.rendered_async(frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality, target=target))
+        except _NotModified as nm:
+            return not_modified(nm.etag)
 
     def rendered_many(request: Request, found: list[StoredInstance]) -> Response:
         if len(found) > RENDERED_MAX_INSTANCES:
@@ -984,20 +1043,38 @@ def dicomweb_router(archive: Archive) -> APIRouter:
         """WADO-RS Retrieve Rendered Series."""
         return rendered_many(request, resolve(request, study, series))
 
-    @router.get("/studies/{study}/series/{series}/instances/{sop}/rendered")
-    @guarded
-    def instance_rendered(request: Request, study: str, series: str, sop: str) -> Response:
+    @guarded_async
+    async def instance_rendered_handler(request: Request, groups: tuple[str, ...]) -> Response:
         """WADO-RS Retrieve Rendered Instance (its first frame)."""
-        return image_response(request, resolve(request, study, series, sop)[0], 1, False)
+        study, series, sop = groups
+        return await image_response_async(request, study, series, sop, 1)
 
-    @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}/rendered")
-    @guarded
-    def frame_rendered(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
+    @guarded_async
+    async def frame_rendered_handler(request: Request, groups: tuple[str, ...]) -> Response:
         """WADO-RS Retrieve Rendered Frames (one frame)."""
+        study, series, sop, frames = groups
         numbers = _parse_frames(frames)
         if len(numbers) != 1:
             raise DicomwebError(400, "Bad Request", "Rendered frames are retrieved one frame at a time.")
-        return image_response(request, resolve(request, study, series, sop)[0], numbers[0], False)
+        return await image_response_async(request, study, series, sop, numbers[0])
+
+    instance_rendered_path = "/studies/{study}/series/{series}/instances/{sop}/rendered"
+    frame_rendered_path = "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}/rendered"
+    if fast is not None:
+        fast += [
+            (fast_route(router.prefix + instance_rendered_path), instance_rendered_handler),
+            (fast_route(router.prefix + frame_rendered_path), frame_rendered_handler),
+        ]
+
+    @router.get(instance_rendered_path)
+    async def instance_rendered(request: Request, study: str, series: str, sop: str) -> Response:
+        """WADO-RS Retrieve Rendered Instance (its first frame)."""
+        return await instance_rendered_handler(request, (study, series, sop))
+
+    @router.get(frame_rendered_path)
+    async def frame_rendered(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
+        """WADO-RS Retrieve Rendered Frames (one frame)."""
+        return await frame_rendered_handler(request, (study, series, sop, frames))
 
     def series_thumbnail(request: Request, series_uid: str) -> Response:
         from imx import previews

@@ -14,6 +14,10 @@ render worker with memory and time limits, at its own size unless a viewport is 
 Every route needs an authenticated caller (the app adds ``viewer.auth.current_user``); an instance
 or series outside the caller's ``Principal.scope`` answers 404, as one that does not exist.
 
+The image GETs a viewer makes by the hundred (these renders and WADO-RS ``/rendered``) are
+answered by ``FastImages`` ahead of FastAPI's router, with the same authentication and the same
+handlers as the routes (see there).
+
 Rendered pixels of an instance never change (instances are immutable): those answers carry a
 strong ETag (a hash of the instance and the parameters) and ``Cache-Control: private,
 max-age=31536000, immutable`` (private: they are behind authentication); ``If-None-Match`` gives 304. A series thumbnail is replaced when the
@@ -25,18 +29,24 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
+from starlette._utils import get_route_path
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imx import previews as pv
-from storage.query import Level, QueryError, Scope, instances, search
+from storage.query import Level, QueryError, Scope, scoped, search
+from viewer.auth import current_user
 
 if TYPE_CHECKING:
     from imx.ingest import Archive
+    from storage.index import Index
 
 IMMUTABLE = "private, max-age=31536000, immutable"
 REVALIDATE = "private, no-cache"
@@ -200,31 +210,161 @@ def _reraise(e: Exception) -> Response:
     raise e
 
 
-def router(archive: Archive) -> APIRouter:
-    """The routes above, for ``archive`` (its Previews: ``imx.previews.for_archive``)."""
+# -- the hot path ----------------------------------------------------------------------------
+FastHandler = Callable[[Request, tuple[str, ...]], Awaitable[Response]]
+FastRoute = tuple["re.Pattern[str]", FastHandler]
+
+
+class FastImages:
+    """ASGI middleware answering the image GETs of ``routes`` (a path pattern, matched whole, and
+    the handler the router's route calls with the pattern's groups) before FastAPI's router: a
+    viewer asks for hundreds of them, and linear matching over every route, dependency solving
+    and their wrappers cost about 0.7 ms per request (a warm render takes 1 ms).
+
+    What a caller gets is what the route gives: the same authentication
+    (``viewer.auth.current_user``: the same 401, 403 and 429, made by the app's handler for
+    HTTPException), then the same handler. Everything else goes on to the app. The app adds it
+    inside ``viewer.ui.SecurityHeaders``, so these answers carry the security headers too."""
+
+    PREFIXES = ("/api/instances/", "/dicomweb/studies/")
+
+    def __init__(self, app: Any, routes: Sequence[FastRoute]) -> None:
+        self.app = app
+        self.routes = list(routes)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path = get_route_path(scope)
+            if path.startswith(self.PREFIXES):
+                for pattern, handler in self.routes:
+                    m = pattern.fullmatch(path)
+                    if m is not None:
+                        response = await self._answer(scope, receive, handler, m.groups())
+                        await response(scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _answer(
+        scope: Any, receive: Any, handler: FastHandler, groups: tuple[str, ...]
+    ) -> Response:
+        request = Request(scope, receive)
+        try:
+            await current_user(request)
+        except StarletteHTTPException as e:
+            handlers = getattr(scope.get("app"), "exception_handlers", {})
+            on_error = handlers.get(StarletteHTTPException) or handlers.get(HTTPException)
+            return await (on_error or http_exception_handler)(request, e)
+        return await handler(request, groups)
+
+
+def route(pattern: str) -> re.Pattern[str]:
+    """A FastImages path pattern from a route path: each ``{name}`` matches one path segment,
+    as in Starlette's routing."""
+    return re.compile(re.sub(r"\{[a-z_]+\}", "([^/]+)", pattern))
+
+
+_VISIBLE_STATEMENTS: OrderedDict[tuple[Scope, bool, bool], Any] = OrderedDict()
+_VISIBLE_MAX = 1024
+
+
+def _visible_statement(scope: Scope, study: bool, series: bool) -> Any:
+    """The SELECT of ``visible_instance``, built once per scope and shape (building one costs as
+    much as running it)."""
+    key = (scope, study, series)
+    q = _VISIBLE_STATEMENTS.get(key)
+    if q is None:
+        from sqlalchemy import bindparam, select
+
+        from storage.index import Instance, Series, Study
+
+        q = (
+            select(Instance.id)
+            .join(Series, Instance.series_id == Series.id)
+            .join(Study, Series.study_id == Study.id)
+            .where(Instance.sop_uid == bindparam("sop"), Instance.quarantine.is_(None))
+        )
+        if study:
+            q = q.where(Study.study_uid == bindparam("study"))
+        if series:
+            q = q.where(Series.series_uid == bindparam("series"))
+        q = scoped(q, scope).limit(1)
+        _VISIBLE_STATEMENTS[key] = q
+        while len(_VISIBLE_STATEMENTS) > _VISIBLE_MAX:
+            _VISIBLE_STATEMENTS.popitem(last=False)
+    return q
+
+
+def visible_instance(
+    index: Index,
+    scope: Scope,
+    sop_uid: str,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+) -> bool:
+    """Whether the instance is one a retrieve by this caller sends (``storage.query.instances``:
+    not quarantined, within ``scope`` through ``storage.query.scoped``), and of the given study
+    and series: one prepared Core SELECT (0.07 ms against 0.33 ms for ``instances``)."""
+    if len(sop_uid) > 64 or len(study_uid or "") > 64 or len(series_uid or "") > 64:
+        return False
+    q = _visible_statement(scope, study_uid is not None, series_uid is not None)
+    params = {"sop": sop_uid, "study": study_uid, "series": series_uid}
+    with index.engine.connect() as conn:
+        return (
+            conn.execute(q, {k: v for k, v in params.items() if v is not None}).first() is not None
+        )
+
+
+async def off_loop_unless_sqlite(archive: Archive, fn: Callable[[], Any]) -> Any:
+    """``fn()`` (an index read) on the event loop with SQLite (a local read of a few rows takes
+    tens of microseconds), in a thread with PostgreSQL (a network round trip), as
+    ``viewer.auth.Auth.current_user`` does."""
+    if archive.index.is_sqlite:
+        return fn()
+    return await run_in_threadpool(fn)
+
+
+def router(archive: Archive, fast: list[FastRoute] | None = None) -> APIRouter:
+    """The routes above, for ``archive`` (its Previews: ``imx.previews.for_archive``); the
+    rendered images' handlers are added to ``fast`` for ``FastImages``."""
     r = APIRouter()
 
     def service() -> pv.Previews:
         return pv.for_archive(archive)
 
-    def check_scope(request: Request, sop_uid: str | None = None, series_uid: str | None = None) -> None:
+    def check_scope(
+        request: Request, sop_uid: str | None = None, series_uid: str | None = None
+    ) -> None:
         """404 unless the caller's scope holds the instance or series (admins: no query)."""
         scope: Scope = request.state.principal.scope
         if scope == Scope(None):
             return
         try:
             if sop_uid is not None:
-                ok = len(sop_uid) <= 64 and bool(instances(archive.index, scope, sop_uids=[sop_uid]))
+                ok = visible_instance(archive.index, scope, sop_uid)
             else:
-                ok = bool(series_uid) and len(series_uid or "") <= 64 and bool(
-                    search(archive.index, Level.SERIES, {"SeriesInstanceUID": series_uid or ""}, scope, limit=1)
+                ok = (
+                    bool(series_uid)
+                    and len(series_uid or "") <= 64
+                    and bool(
+                        search(
+                            archive.index,
+                            Level.SERIES,
+                            {"SeriesInstanceUID": series_uid or ""},
+                            scope,
+                            limit=1,
+                        )
+                    )
                 )
         except QueryError:
             ok = False
         if not ok:
             raise pv.NotFound("no such instance or series")
 
-    def render_params(request: Request) -> tuple[str | None, object | None, tuple[int, int] | None, int | None]:
+    def render_params(
+        request: Request,
+    ) -> tuple[str | None, object | None, tuple[int, int] | None, int | None]:
         """(format, window, viewport, quality) asked for; all None: the kept preview."""
         q = request.query_params
         fmt_param = q.get("format")
@@ -248,15 +388,19 @@ def router(archive: Archive) -> APIRouter:
     async def instance_image(request: Request, sop_uid: str, frame: int) -> Response:
         """The kept preview (read from the store in a thread), or a render now: the job goes to
         a render worker straight from the event loop (``Previews.rendered_async``)."""
-        check_scope(request, sop_uid=sop_uid)
+        if request.state.principal.scope != Scope(None):
+            await off_loop_unless_sqlite(archive, lambda: check_scope(request, sop_uid=sop_uid))
         fmt, window, size, quality = render_params(request)
         if window is None and size is None and quality is None and fmt is None:
             return await run_in_threadpool(kept_preview, request, sop_uid, frame)
         fmt = fmt or pv.DEFAULT_FORMAT
         quality = quality if quality is not None else pv.DEFAULT_QUALITY
         svc = service()
-        resolved = svc.rendered_etag(
-            sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality
+        resolved = await off_loop_unless_sqlite(
+            archive,
+            lambda: svc.rendered_etag(
+                sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality
+            ),
         )
         if _matches(request.headers.get("if-none-match"), resolved[1]):
             return _not_modified(resolved[1], IMMUTABLE)
@@ -265,18 +409,32 @@ def router(archive: Archive) -> APIRouter:
         )
         return _image(body, media, tag, IMMUTABLE)
 
-    @r.get("/api/instances/{sop_uid}/rendered")
-    async def instance_rendered(sop_uid: str, request: Request) -> Response:
+    async def instance_handler(request: Request, groups: tuple[str, ...]) -> Response:
+        (sop_uid,) = groups
         return await _guarded_async(lambda: instance_image(request, sop_uid, 1))
 
-    @r.get("/api/instances/{sop_uid}/frames/{n}/rendered")
-    async def frame_rendered(sop_uid: str, n: str, request: Request) -> Response:
+    async def frame_handler(request: Request, groups: tuple[str, ...]) -> Response:
+        sop_uid, n = groups
+
         async def run() -> Response:
             if not n.isdigit() or not 1 <= int(n) <= 10_000_000:
                 raise BadParameter("the frame number must be a whole number from 1")
             return await instance_image(request, sop_uid, int(n))
 
         return await _guarded_async(run)
+
+    instance_path = "/api/instances/{sop_uid}/rendered"
+    frame_path = "/api/instances/{sop_uid}/frames/{n}/rendered"
+    if fast is not None:
+        fast += [(route(instance_path), instance_handler), (route(frame_path), frame_handler)]
+
+    @r.get(instance_path)
+    async def instance_rendered(sop_uid: str, request: Request) -> Response:
+        return await instance_handler(request, (sop_uid,))
+
+    @r.get(frame_path)
+    async def frame_rendered(sop_uid: str, n: str, request: Request) -> Response:
+        return await frame_handler(request, (sop_uid, n))
 
     @r.get("/api/series/{series_uid}/thumbnail")
     def thumbnail(series_uid: str, request: Request) -> Response:
