@@ -483,6 +483,30 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: Any, limit: float) ->
             os.set_blocking(fd, True)
 
 
+def object_for_worker(archive: Archive, object_key: str, location: str) -> bytes | str:
+    """A stored object as a render worker takes it: its file's path in a filesystem store (the
+    worker reads it; nothing crosses the pipe), otherwise its bytes. Raises Unrenderable when it
+    is missing, Busy when the store cannot be read now."""
+    from storage.index import LOCATION_SPOOL
+    from storage.objects import FileSystemStore, check_key
+
+    store = archive.store
+    try:
+        if location != LOCATION_SPOOL and isinstance(store, FileSystemStore):
+            path = store.root / check_key(object_key)
+            if not path.is_file():
+                raise KeyError(object_key)
+            return str(path)
+        with archive.open_stored(object_key, location) as f:
+            return f.read()
+    except KeyError:
+        raise Unrenderable("the stored object is missing (see imx check)") from None
+    except OSError as e:
+        raise Busy(f"the object cannot be read now ({e.strerror or type(e).__name__}); try again") from None
+    except Exception as e:
+        raise Busy(f"the object cannot be read from the store now ({type(e).__name__}); try again") from None
+
+
 # -- the job run in a worker -------------------------------------------------------------------
 Spec = tuple[
     int, tuple[float, float] | None, tuple[int, int] | None, str, int
@@ -712,36 +736,10 @@ class Previews:
             )
         return t
 
-    def _source(self, t: Target) -> bytes | str:
-        """The object for a worker: the file's path in a filesystem store (the worker reads it;
-        nothing crosses the pipe), otherwise its bytes."""
-        from storage.index import LOCATION_SPOOL
-        from storage.objects import FileSystemStore, check_key
-
-        store = self.archive.store
-        try:
-            if t.location != LOCATION_SPOOL and isinstance(store, FileSystemStore):
-                path = store.root / check_key(t.object_key)
-                if not path.is_file():
-                    raise KeyError(t.object_key)
-                return str(path)
-            with self.archive.open_stored(t.object_key, t.location) as f:
-                return f.read()
-        except KeyError:
-            raise Unrenderable("the stored object is missing (see imx check)") from None
-        except OSError as e:
-            raise Busy(
-                f"the object cannot be read now ({e.strerror or type(e).__name__}); try again"
-            ) from None
-        except Exception as e:
-            raise Busy(
-                f"the object cannot be read from the store now ({type(e).__name__}); try again"
-            ) from None
-
     def _render(self, t: Target, specs: list[Spec], *, warm: bool = False) -> list[bytes]:
         """Render ``specs`` of ``t`` in a worker; ``warm``: an on-demand render, whose parsed
         object the worker keeps for the next one (render_job)."""
-        data = self._source(t)
+        data = object_for_worker(self.archive, t.object_key, t.location)
         key = f"{t.object_key}:{t.sha256}" if warm else None
         try:
             return self.pool.call(render_job, data, specs, self.budget, key)
@@ -753,7 +751,7 @@ class Previews:
     ) -> tuple[tuple[str, bytes] | None, list[bytes]]:
         """As ``_render``, and the instance's metadata from the same parse: (object key, packed
         DICOM JSON) or None. An Unrenderable raised carries the metadata if it was made."""
-        data = self._source(t)
+        data = object_for_worker(self.archive, t.object_key, t.location)
         try:
             packed, out = self.pool.call(preview_job, data, specs, self.budget)
         except JobFailed as e:
@@ -1058,9 +1056,11 @@ class Previews:
             raise Unrenderable(t.preview_reason or "the instance cannot be rendered")
         w = (float(window.center), float(window.width)) if window is not None else None
         if t.location != LOCATION_SPOOL and isinstance(self.archive.store, FileSystemStore):
-            data = self._source(t)
+            data = object_for_worker(self.archive, t.object_key, t.location)
         else:
-            data = await asyncio.get_running_loop().run_in_executor(None, self._source, t)
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, object_for_worker, self.archive, t.object_key, t.location
+            )
         key = f"{t.object_key}:{t.sha256}"
         spec: list[Spec] = [(frame or 1, w, size, fmt, quality)]
         try:

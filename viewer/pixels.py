@@ -40,6 +40,7 @@ from imx import previews as pv
 from imx.logs import event
 from storage.query import StoredInstance, instances
 from viewer.auth import CurrentUser, Principal
+from viewer.previews import etag_matches
 
 if TYPE_CHECKING:
     from imx.ingest import Archive
@@ -56,14 +57,6 @@ META_CACHE_ENTRIES = 50_000
 def _etag(*parts: object) -> str:
     h = hashlib.sha256("\x1f".join(str(p) for p in (PIXELS_VERSION, *parts)).encode()).hexdigest()
     return f'"{h[:40]}"'
-
-
-def _matches(if_none_match: str | None, etag: str) -> bool:
-    if not if_none_match:
-        return False
-    if if_none_match.strip() == "*":
-        return True
-    return any((t.strip()[2:] if t.strip().startswith("W/") else t.strip()) == etag for t in if_none_match.split(","))
 
 
 class _MetaCache:
@@ -194,7 +187,7 @@ def pixels_router(archive: Archive) -> APIRouter:
         return Response(data, media_type="application/json", headers=headers)
 
     def unchanged(request: Request, etag: str) -> Response | None:
-        if _matches(request.headers.get("if-none-match"), etag):
+        if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers={"ETag": etag, "Cache-Control": REVALIDATE})
         return None
 
@@ -294,10 +287,15 @@ def pixels_router(archive: Archive) -> APIRouter:
             raise HTTPException(404, f"Frame {n} does not exist: the instance has {si.frames}.")
         etag = _etag("pixels", si.object_key, n)
         audit(request, principal, "frame_downloaded", study_uid)
-        if _matches(request.headers.get("if-none-match"), etag):
+        if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
         svc = pv.for_archive(archive)
-        source = _source(archive, si)
+        try:
+            source = pv.object_for_worker(archive, si.object_key, si.location)
+        except pv.Unrenderable as e:
+            raise HTTPException(404, f"The frame cannot be shown: {e}.") from None
+        except pv.Busy as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
         try:
             packed = svc.pool.call(pack_job, source, n, svc.budget)
         except pv.JobFailed as e:
@@ -308,24 +306,3 @@ def pixels_router(archive: Archive) -> APIRouter:
         return Response(packed.png, media_type="image/png", headers=headers)
 
     return r
-
-
-def _source(archive: Archive, si: StoredInstance) -> bytes | str:
-    """The object for a worker: its file's path in a filesystem store (nothing crosses the pipe),
-    else its bytes."""
-    from storage.index import LOCATION_SPOOL
-    from storage.objects import FileSystemStore, check_key
-
-    try:
-        store = archive.store
-        if si.location != LOCATION_SPOOL and isinstance(store, FileSystemStore):
-            path = store.root / check_key(si.object_key)
-            if path.is_file():
-                return str(path)
-            raise KeyError(si.object_key)
-        with archive.open_stored(si.object_key, si.location) as f:
-            return f.read()
-    except KeyError:
-        raise HTTPException(404, "The stored object is missing; an operator should run imx check.") from None
-    except Exception as e:
-        raise HTTPException(503, f"The object cannot be read now ({type(e).__name__}); try again.", headers={"Retry-After": "1"}) from None

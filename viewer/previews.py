@@ -157,7 +157,9 @@ def _accept(header: str | None) -> str | None:
     return next(f for f in ("png", "webp") if best.get(f) == top)
 
 
-def _matches(if_none_match: str | None, etag: str) -> bool:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (or is ``*``): weak tags compare too
+    (RFC 9110 13.1.2)."""
     if not if_none_match:
         return False
     if if_none_match.strip() == "*":
@@ -380,7 +382,7 @@ def router(archive: Archive, fast: list[FastRoute] | None = None) -> APIRouter:
     def kept_preview(request: Request, sop_uid: str, frame: int) -> Response:
         svc = service()
         target, tag = svc.preview_etag(sop_uid, frame)
-        if tag is not None and _matches(request.headers.get("if-none-match"), tag):
+        if tag is not None and etag_matches(request.headers.get("if-none-match"), tag):
             return _not_modified(tag, IMMUTABLE)
         body, media, tag = svc.preview(sop_uid, frame, target=target)
         return _image(body, media, tag, IMMUTABLE)
@@ -402,7 +404,7 @@ def router(archive: Archive, fast: list[FastRoute] | None = None) -> APIRouter:
                 sop_uid, frame, window=window, size=size, fmt=fmt, quality=quality
             ),
         )
-        if _matches(request.headers.get("if-none-match"), resolved[1]):
+        if etag_matches(request.headers.get("if-none-match"), resolved[1]):
             return _not_modified(resolved[1], IMMUTABLE)
         body, media, tag = await svc.rendered_async(
             frame, window=window, size=size, fmt=fmt, quality=quality, target=resolved
@@ -442,7 +444,7 @@ def router(archive: Archive, fast: list[FastRoute] | None = None) -> APIRouter:
             check_scope(request, series_uid=series_uid)
             svc = service()
             tag = svc.thumbnail_etag(series_uid)
-            if tag is not None and _matches(request.headers.get("if-none-match"), tag):
+            if tag is not None and etag_matches(request.headers.get("if-none-match"), tag):
                 return _not_modified(tag, REVALIDATE)
             body, media, tag = svc.series_thumbnail(series_uid)
             return _image(body, media, tag, REVALIDATE)
