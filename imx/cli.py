@@ -179,7 +179,7 @@ def cmd_partner_policy(args: argparse.Namespace) -> int:
 
 def cmd_partner_tz(args: argparse.Namespace) -> int:
     """Set a partner's IANA time zone; consultation times are shown in it (NULL: Asia/Urumqi)."""
-    from storage.consultations import DEFAULT_ZONE, set_partner_time_zone
+    from storage.consultations import DEFAULT_ZONE
     from viewer.i18n_server import UnknownZone, check_zone
 
     if (args.zone is None) == (not args.default):
@@ -191,7 +191,7 @@ def cmd_partner_tz(args: argparse.Namespace) -> int:
         print(f"imx: {e}", file=sys.stderr)
         return 2
     index = _index(_settings())
-    if not set_partner_time_zone(index, args.name, zone_name):
+    if not index.set_partner_time_zone(args.name, zone_name):
         print(f"imx: no partner named {args.name!r}", file=sys.stderr)
         return 1
     _console_audit(index, "partner_changed", args.name, {"changed": ["time_zone"]})

@@ -651,16 +651,3 @@ class Consultations:
                 .where(and_(Consultation.id.in_(cids), Consultation.status == "requested"))
                 .values(status="images_complete", updated_at=utcnow())
             )
-
-
-# -- partners' time zones -----------------------------------------------------------------------------
-def set_partner_time_zone(index: Index, name: str, zone_name: str | None) -> bool:
-    """Set the IANA zone of the active partner ``name`` (None: back to Urumqi's). The caller
-    validates the name (``viewer.i18n_server.check_zone``). False if there is no such partner."""
-    with index.write() as s:
-        result = s.execute(
-            update(Partner)
-            .where(Partner.name == name, Partner.active.is_(True))
-            .values(time_zone=zone_name)
-        )
-        return result.rowcount == 1

@@ -384,13 +384,7 @@ class Index:
                 raise ValueError(f"the policy is not valid JSON: {e}") from None
             if not isinstance(parsed, dict):
                 raise ValueError("the policy must be a JSON object")
-        with self.write() as s:
-            result = s.execute(
-                update(Partner)
-                .where(Partner.name == name, Partner.active.is_(True))
-                .values(policy=policy_json)
-            )
-            return result.rowcount == 1
+        return self._update_partner(name, policy=policy_json)
 
     def add_partner(
         self,
@@ -421,11 +415,17 @@ class Index:
         its AE title); ``None, None`` makes it no destination. False if there is no such partner.
         Raises ValueError for a host or port that cannot be one."""
         host, port = _check_destination(host, port)
+        return self._update_partner(name, dest_host=host, dest_port=port)
+
+    def set_partner_time_zone(self, name: str, zone_name: str | None) -> bool:
+        """The IANA time zone of the active partner ``name`` (None: back to Urumqi's); the caller
+        checks the name (``viewer.i18n_server.check_zone``). False if there is no such partner."""
+        return self._update_partner(name, time_zone=zone_name)
+
+    def _update_partner(self, name: str, **values: Any) -> bool:
         with self.write() as s:
             result = s.execute(
-                update(Partner)
-                .where(Partner.name == name, Partner.active.is_(True))
-                .values(dest_host=host, dest_port=port)
+                update(Partner).where(Partner.name == name, Partner.active.is_(True)).values(**values)
             )
             return result.rowcount == 1
 

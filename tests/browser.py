@@ -201,19 +201,7 @@ class ViewerServer:
 
     def set_partner_time_zone(self, name: str, time_zone: str) -> None:
         r = self.server.imx("partner", "tz", name, time_zone)
-        if r.returncode == 0:
-            return
-        # until `imx partner tz` exists: the column directly
-        from sqlalchemy import update
-
-        from storage.index import Partner
-
-        idx = self.index()
-        try:
-            with idx.write() as s:
-                s.execute(update(Partner).where(Partner.name == name).values(time_zone=time_zone))
-        finally:
-            idx.close()
+        assert r.returncode == 0, r.stderr
 
     def partner_id(self, name: str = "DEMO") -> int:
         idx = self.index()

@@ -25,7 +25,7 @@ from imx import previews
 from imx.config import Settings, ensure_layout
 from imx.ingest import Archive, PartnerRef
 from storage.access import Accounts
-from storage.consultations import ConsultationError, Consultations, NotFound, set_partner_time_zone
+from storage.consultations import ConsultationError, Consultations, NotFound
 from storage.index import Index, InstanceRecord
 from storage.query import Scope, instances
 from viewer.app import create_app
@@ -95,7 +95,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w = World(archive, None)
     for name, ae, tz in (("OSH", "OSHPACS", "Asia/Bishkek"), ("ALM", "ALMPACS", "Asia/Almaty")):
         w.partners[name] = index.add_partner(name, ae, []).id
-        assert set_partner_time_zone(index, name, tz)
+        assert index.set_partner_time_zone(name, tz)
     index.add_partner("URU", "URUPACS", [])  # no zone: Urumqi's
     files = base / "files"
     w.studies["jane1"] = w.ingest("OSH", make_ct_series(files / "j1", 2, "Doe^Jane", "HOSP-000123"))
@@ -660,8 +660,8 @@ def test_storage_consultations(index: Index) -> None:
     assert [r["study_uid"] for r in listed] == ["1.2"]
     assert {r["study_uid"] for r in store.study_list(Scope(b))} == {"2.1"}
     assert {r["study_uid"] for r in store.study_list(Scope(None), text="a-p2")} == {"1.3"}
-    assert set_partner_time_zone(index, "B", "Asia/Dushanbe")
-    assert not set_partner_time_zone(index, "nobody", "Asia/Dushanbe")
+    assert index.set_partner_time_zone("B", "Asia/Dushanbe")
+    assert not index.set_partner_time_zone("nobody", "Asia/Dushanbe")
 
 
 def test_partner_tz_command(tmp_path: Path) -> None:
