@@ -391,10 +391,7 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     user = _user(index, args.name)
     if user is None:
         return 1
-    accounts = Accounts(index)
-    accounts.update_user(user.id, active=False)
-    accounts.revoke_sessions_of(user.id)
-    tokens = accounts.revoke_tokens_of(user.id)
+    tokens = Accounts(index).update_user(user.id, active=False)
     _console_audit(index, "user_changed", user.name, {"changed": ["active"], "active": False})
     print(f"user {user.name} disabled: sessions ended, {tokens} API token(s) revoked")
     return 0
@@ -425,9 +422,7 @@ def cmd_user_password(args: argparse.Namespace) -> int:
     if got is None:
         return 2
     password, generated = got
-    accounts = Accounts(index)
-    accounts.update_user(user.id, password_hash=hash_password(password), failed_logins=0)
-    accounts.revoke_sessions_of(user.id)
+    Accounts(index).update_user(user.id, password_hash=hash_password(password), failed_logins=0)
     _console_audit(index, "user_changed", user.name, {"changed": ["password"]})
     print(f"user {user.name}: password changed, its sessions ended")
     if generated:

@@ -231,9 +231,23 @@ class Accounts:
         with self.index.read() as s:
             return list(s.scalars(select(User).order_by(User.name)))
 
-    def update_user(self, user_id: int, **values: object) -> None:
+    def update_user(self, user_id: int, **values: object) -> int:
+        """Change a user's columns. Disabling (``active=False``) ends the user's sessions and
+        revokes its API tokens, a new ``password_hash`` ends its sessions, in the same
+        transaction: the one place that rule lives. Returns how many tokens were revoked."""
+        now = utcnow()
         with self.index.write() as s:
             s.execute(update(User).where(User.id == user_id).values(**values))
+            if values.get("active") is False or "password_hash" in values:
+                s.execute(
+                    update(WebSession)
+                    .where(WebSession.user_id == user_id, WebSession.revoked_at.is_(None))
+                    .values(revoked_at=now)
+                )
+            if values.get("active") is False:
+                live = update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+                return s.execute(live.values(revoked_at=now)).rowcount
+        return 0
 
     # browser sessions
     def add_session(self, user_id: int, secret_hash: str, csrf_token: str, address: str | None, expires_at: dt.datetime) -> None:
@@ -259,14 +273,6 @@ class Accounts:
     def revoke_session(self, secret_hash: str) -> None:
         with self.index.write() as s:
             s.execute(update(WebSession).where(WebSession.secret_hash == secret_hash).values(revoked_at=utcnow()))
-
-    def revoke_sessions_of(self, user_id: int) -> None:
-        with self.index.write() as s:
-            s.execute(
-                update(WebSession)
-                .where(WebSession.user_id == user_id, WebSession.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
 
     # API tokens
     def add_token(self, user_id: int, label: str, secret_hash: str, expires_at: dt.datetime | None) -> int:
@@ -389,11 +395,6 @@ class Accounts:
             q = q.where(ShareLink.study_id == study_id)
         with self.index.read() as s:
             return [(row[0], row[1]) for row in s.execute(q.limit(1000))]
-
-    def revoke_tokens_of(self, user_id: int) -> int:
-        with self.index.write() as s:
-            q = update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
-            return s.execute(q.values(revoked_at=utcnow())).rowcount
 
     def touch_token(self, token_id: int) -> None:
         with self.index.write() as s:

