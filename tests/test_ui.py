@@ -548,7 +548,10 @@ def test_worklist_filters_by_status_partner_modality_and_date(world: World, page
             lambda r: "/api/worklist?" in r.url and all(f"{k}=" in r.url for k in values)
         ):
             page.click("#filters button[type=submit]")
-        page.wait_for_function("() => !document.querySelector('#worklist tbody tr:not([data-id])')")
+        # the rows on screen answer the filters now in the address, not an earlier request's
+        page.wait_for_function(
+            "() => document.getElementById('worklist').dataset.shown === location.search.slice(1)"
+        )
         return page.locator("#worklist tbody tr").evaluate_all(
             "rows => rows.map(r => r.dataset.id)"
         )

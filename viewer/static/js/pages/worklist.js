@@ -7,7 +7,8 @@ import { el, errorText, fill, partnerOptions, ready, say, startPage, statusBadge
 
 const FILTERS = ["status", "partner", "modality", "from", "to"];
 const form = document.getElementById("filters");
-const tbody = document.querySelector("#worklist tbody");
+const table = document.getElementById("worklist");
+const tbody = table.querySelector("tbody");
 const errorBox = document.getElementById("worklist-error");
 
 function filtersFromUrl() {
@@ -62,21 +63,28 @@ function row(item) {
   );
 }
 
+let latest = 0; // answers can arrive out of order (a reset and a submit in a row): the last asked wins
+
 async function load() {
   const q = query();
-  history.replaceState(null, "", q.toString() ? `?${q}` : location.pathname);
+  const filters = q.toString();
+  history.replaceState(null, "", filters ? `?${filters}` : location.pathname);
   q.set("locale", locale());
   if (browserZone()) q.set("tz", browserZone());
+  const mine = ++latest;
   try {
     const data = await api(`/api/worklist?${q}`);
+    if (mine !== latest) return;
     const items = (data && data.items) || [];
     fill(tbody, items.map(row));
     document.getElementById("worklist-empty").hidden = items.length > 0;
     say(errorBox, "");
   } catch (err) {
+    if (mine !== latest) return;
     fill(tbody);
     say(errorBox, errorText(err));
   }
+  table.dataset.shown = filters; // the filters the rows on screen answer
 }
 
 const who = await startPage();
