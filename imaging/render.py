@@ -591,9 +591,24 @@ def _grey(ds: Dataset, arr: np.ndarray, g: _Geometry, frame: int, window: Window
     if _inverted(ds, g.photometric):
         out = 1.0 - out
     out8 = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
-    if integer:
-        return out8[arr.astype(np.int64, copy=False) - lo_i] if lo_i else out8[arr]
-    return out8
+    return _lookup(out8, arr, lo_i) if integer else out8
+
+
+def _lookup(table: np.ndarray, arr: np.ndarray, first: int) -> np.ndarray:
+    """``table[v - first]`` for every stored value ``v`` of an integer frame (the frame's
+    values all lie in ``first .. first + table.size - 1``).
+
+    Frames of 8 or 16 bits index a table over every bit pattern of their type directly (signed
+    values through their unsigned view), with no index array made: ``take`` over the frame is
+    about twice as fast as fancy indexing with a computed offset."""
+    if not arr.dtype.isnative:  # big-endian data: the unsigned view below reads native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype.itemsize <= 2:
+        full = np.zeros(1 << (8 * arr.dtype.itemsize), dtype=table.dtype)
+        mask = full.size - 1
+        full[np.arange(first, first + table.size, dtype=np.int64) & mask] = table
+        return full.take(arr.view(f"u{arr.dtype.itemsize}"))
+    return table.take(arr.astype(np.int64) - first)
 
 
 def _palette(ds: Dataset, arr: np.ndarray) -> np.ndarray:

@@ -708,3 +708,20 @@ def test_cli_bad_input_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     r = _imx(str(tmp_path / "missing.dcm"), str(tmp_path / "x.png"))
     assert r.returncode == 1 and "no such file" in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("dtype", ["|u1", "|i1", "<u2", "<i2", ">u2", ">i2", "<i4", ">u4"])
+def test_lookup_reads_the_table_at_each_stored_value(dtype: str) -> None:
+    """The grey-level table lookup (a table over every bit pattern for 8 and 16 bits, signed
+    values through their unsigned view, byte order respected) gives ``table[v - first]``."""
+    from imaging.render import _lookup
+
+    info = np.iinfo(np.dtype(dtype))
+    rng = np.random.default_rng(7)
+    lo, hi = max(info.min, -70000), min(info.max, 70000)
+    arr = rng.integers(lo, hi, size=(37, 53), endpoint=True).astype(dtype)
+    arr[0, 0], arr[-1, -1] = lo, hi
+    first = int(arr.min())
+    table = rng.integers(0, 255, size=int(arr.max()) - first + 1, endpoint=True).astype(np.uint8)
+    expected = table[arr.astype(np.int64) - first]
+    assert np.array_equal(_lookup(table, arr, first), expected)
