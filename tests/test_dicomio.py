@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom import uid as uids
-from pydicom.data import get_testdata_file
+from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -26,8 +27,10 @@ from imaging.dicomio import (
     MalformedInstance,
     ReceivedInstance,
     read_received,
+    read_stored,
     write_instance,
 )
+from imaging.render import RenderError, render
 
 SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 PIXEL_DATA = 0x7FE00010
@@ -257,3 +260,70 @@ def test_malformed_input_is_refused_without_phi(name: str | None, make: Callable
     message = str(exc.value)
     assert message
     assert [v for v in [*(dataset_values(source) if source else []), "1.2.3.4.5.6.7"] if v in message] == []
+
+
+# -- stored objects read for rendering ----------------------------------------------------------
+def _render_or_error(ds: Dataset) -> bytes | str:
+    try:
+        return render(ds, 1, fmt="png")
+    except RenderError as e:
+        return f"RenderError: {e}"
+
+
+def _bundled_images() -> list[str]:
+    names = []
+    for path in get_testdata_files():
+        try:
+            ds = dcmread(path, stop_before_pixels=False)
+        except Exception:
+            continue
+        if any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            names.append(Path(path).name)
+    return sorted(set(names))
+
+
+@pytest.mark.parametrize("name", _bundled_images())
+def test_stored_object_renders_as_when_read_whole(name: str) -> None:
+    """read_stored (a mapped file, or bytes, pixel data left in place) renders every bundled image
+    exactly as pydicom's whole read does, and refuses the same ones with the same reason."""
+    path = bundled(name)
+    expected = _render_or_error(dcmread(path))
+    assert _render_or_error(read_stored(str(path))) == expected
+    assert _render_or_error(read_stored(path.read_bytes())) == expected
+
+
+def test_stored_file_is_mapped_not_read(large_file: tuple[Path, int]) -> None:
+    path, _ = large_file
+    tracemalloc.start()
+    try:
+        ds = read_stored(str(path))
+        parse_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(ds.PixelData, memoryview) and len(ds.PixelData) == PIXEL_BYTES
+    assert parse_peak < 2**20  # vs 64 MiB of pixels
+    with open(path, "rb") as f:
+        f.seek(-16, 2)
+        assert bytes(ds.PixelData[-16:]) == f.read()
+
+
+def test_stored_deflated_object_is_read_whole() -> None:
+    path = bundled("image_dfl.dcm")
+    ds = read_stored(str(path))
+    assert ds.file_meta.TransferSyntaxUID == uids.DeflatedExplicitVRLittleEndian
+    assert bytes(ds.PixelData) == dcmread(path).PixelData
+
+
+def test_truncated_stored_object_is_refused(tmp_path: Path) -> None:
+    ds = dcmread(bundled("CT_small.dcm"))
+    ds.Rows = ds.Columns = 256
+    ds.PixelData = bytes(256 * 256 * 2)
+    ds.save_as(tmp_path / "whole.dcm")
+    data = (tmp_path / "whole.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 1000])
+    for source in (str(tmp_path / "cut.dcm"), data[: len(data) - 1000]):
+        with pytest.raises(MalformedInstance, match="truncated"):
+            read_stored(source)
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with pytest.raises(InvalidDicomError):
+        read_stored(str(tmp_path / "empty.dcm"))
