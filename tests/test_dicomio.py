@@ -17,8 +17,8 @@ from pydicom import dcmread
 from pydicom import uid as uids
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.datadict import tag_for_keyword
-from pydicom.errors import InvalidDicomError
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
