@@ -725,8 +725,10 @@ class Previews:
                     self._targets.popitem(last=False)
         return t
 
-    def _visible(self, sop_uid: str) -> Target:
-        t = self._target(sop_uid)
+    def _visible(self, sop_uid: str, found: dict[str, Any] | None = None) -> Target:
+        """The instance, unless quarantined; ``found``: its index row, already read by the caller
+        (``viewer.previews.visible_target``)."""
+        t = self._target(sop_uid) if found is None else Target(**found)
         if t.quarantine is not None:
             raise Quarantined(
                 "this instance is held back (quarantined) until an operator reviews it; it is not rendered"
@@ -954,9 +956,12 @@ class Previews:
         return body, MEDIA_TYPES[self.fmt], key
 
     # -- on demand: HTTP and WADO-RS ------------------------------------------------------------
-    def preview_etag(self, sop_uid: str, frame: int) -> tuple[Target, str | None]:
-        """The instance and the ETag of its kept preview of ``frame`` (None if not made yet)."""
-        t = self._visible(sop_uid)
+    def preview_etag(
+        self, sop_uid: str, frame: int, *, found: dict[str, Any] | None = None
+    ) -> tuple[Target, str | None]:
+        """The instance and the ETag of its kept preview of ``frame`` (None if not made yet);
+        ``found``: the instance's index row when the caller has read it."""
+        t = self._visible(sop_uid, found)
         if frame < 1 or frame > t.frames:
             raise NotFound(f"frame {frame} does not exist: the instance has {t.frames}")
         found = self.archive.index.rendition(t.id, KIND_PREVIEW, frame)
@@ -996,10 +1001,12 @@ class Previews:
         size: tuple[int, int] | None,
         fmt: str,
         quality: int,
+        found: dict[str, Any] | None = None,
     ) -> tuple[Target, str]:
         """The instance and the ETag of a rendering with these parameters (a hash of the
-        instance's content and the parameters: the pixels of an instance never change)."""
-        t = self._visible(sop_uid)
+        instance's content and the parameters: the pixels of an instance never change);
+        ``found``: the instance's index row when the caller has read it."""
+        t = self._visible(sop_uid, found)
         n = frame or 1
         if n < 1 or n > t.frames:
             raise NotFound(f"frame {n} does not exist: the instance has {t.frames}")

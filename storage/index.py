@@ -36,6 +36,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
@@ -906,7 +907,7 @@ class Index:
     def preview_target(self, sop_uid: str) -> dict[str, Any] | None:
         """What the preview functions need of one instance, or None if it is unknown."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(*self._TARGET_COLUMNS).where(Instance.sop_uid == sop_uid)).first()
+            row = conn.execute(_PREVIEW_TARGET, {"sop": sop_uid}).first()
         return self._target(row) if row is not None else None
 
     def pending_previews(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -1144,6 +1145,11 @@ class Index:
                 _rendition_row(instance_id, "thumbnail", frame, object_key, media_type, size_bytes)
             )
         return old
+
+
+# the one statement behind Index.preview_target, built once: an on-demand render looks an instance
+# up by UID per request, and building the SELECT cost twice what running it does
+_PREVIEW_TARGET = select(*Index._TARGET_COLUMNS).where(Instance.sop_uid == bindparam("sop"))
 
 
 # The tables of accounts and consultations (schema 0004) join Base.metadata wherever the index is

@@ -903,11 +903,11 @@ def test_a_reply_larger_than_the_pipe_buffer_reaches_an_event_loop_of_uvloop(
 
 @pytest.mark.peer
 @pytest.mark.slow
-def test_visible_instance_is_the_retrieve_rule_in_one_prepared_select(served, index: Index) -> None:
-    """viewer.previews.visible_instance answers what storage.query.instances finds, for every
-    scope shape, study and series given or not."""
+def test_visible_target_is_the_retrieve_rule_in_one_prepared_select(served, index: Index) -> None:
+    """viewer.previews.visible_target answers what storage.query.instances finds, for every
+    scope shape, study and series given or not, and its row is the renderer's own look-up's."""
     from storage.query import Scope, instances
-    from viewer.previews import visible_instance
+    from viewer.previews import visible_target
 
     _, sent = served
     (si,) = instances(index, Scope(None), sop_uids=[sent.ct[0]])
@@ -920,18 +920,20 @@ def test_visible_instance_is_the_retrieve_rule_in_one_prepared_select(served, in
         (Scope(None, specialist_id=-1), False),  # no consultation: nothing
     ):
         for study, series in ((None, None), (si.study_uid, None), (si.study_uid, si.series_uid)):
-            got = visible_instance(index, scope, sent.ct[0], study_uid=study, series_uid=series)
-            assert got is expected, (scope, study, series)
+            got = visible_target(index, scope, sent.ct[0], study_uid=study, series_uid=series)
+            assert (got is not None) is expected, (scope, study, series)
             found = instances(
                 index, scope, study_uid=study, series_uid=series, sop_uids=[sent.ct[0]]
             )
-            assert got is bool(found)
+            assert (got is not None) is bool(found)
+            if got is not None:
+                assert got == index.preview_target(sent.ct[0])
     other_series = instances(index, Scope(None), sop_uids=[sent.good_after])[0].series_uid
-    assert not visible_instance(index, demo, sent.ct[0], series_uid=other_series)
-    assert not visible_instance(index, demo, sent.ct[0], study_uid="2.25.1")
-    assert not visible_instance(index, Scope(None), sent.quarantined)  # held back: as instances()
-    assert not visible_instance(index, Scope(None), "2.25." + "1" * 70)  # no UID is that long
-    assert not visible_instance(index, Scope(None), "2.25.1")
+    assert visible_target(index, demo, sent.ct[0], series_uid=other_series) is None
+    assert visible_target(index, demo, sent.ct[0], study_uid="2.25.1") is None
+    assert visible_target(index, Scope(None), sent.quarantined) is None  # held back: as instances()
+    assert visible_target(index, Scope(None), "2.25." + "1" * 70) is None  # no UID is that long
+    assert visible_target(index, Scope(None), "2.25.1") is None
 
 
 @pytest.mark.peer

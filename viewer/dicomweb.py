@@ -72,7 +72,7 @@ from storage.query import (
     search,
 )
 from viewer.auth import Principal, audit, current_user
-from viewer.previews import FastRoute, off_loop_unless_sqlite, visible_instance
+from viewer.previews import FastRoute, off_loop_unless_sqlite, visible_target
 from viewer.previews import route as fast_route
 
 log = logging.getLogger("imx.dicomweb")
@@ -969,14 +969,17 @@ def dicomweb_router(archive: Archive, fast: list[FastRoute] | None = None) -> AP
         except previews.Busy as e:
             raise DicomwebError(503, "Service Unavailable", str(e), {"Retry-After": "1"}) from None
 
-    def render_target(request: Request, sop: str, frame: int, thumbnail: bool, conditional: bool) -> tuple[Any, RenderParams, Any]:
+    def render_target(
+        request: Request, sop: str, frame: int, thumbnail: bool, conditional: bool, found: dict[str, Any] | None = None
+    ) -> tuple[Any, RenderParams, Any]:
         """(Previews, parameters, the instance and ETag of the rendering); a 304 (``_NotModified``)
-        before any rendering when ``conditional`` and If-None-Match holds the ETag."""
+        before any rendering when ``conditional`` and If-None-Match holds the ETag. ``found``: the
+        instance's index row when the caller has read it."""
         from imx import previews
 
         p = render_params(request, thumbnail_size=getattr(settings, "thumbnail_size", 128) if thumbnail else None)
         svc = previews.for_archive(archive)
-        target = svc.rendered_etag(sop, frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality)
+        target = svc.rendered_etag(sop, frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality, found=found)
         if conditional and _not_modified(request, target[1]):
             raise _NotModified(target[1])
         return svc, p, target
@@ -1004,19 +1007,21 @@ def dicomweb_router(archive: Archive, fast: list[FastRoute] | None = None) -> AP
 
     async def image_response_async(request: Request, study: str, series: str, sop: str, frame: int) -> Response:
         """One rendered frame from the event loop: the instance checked as ``resolve`` does, with
-        one prepared SELECT (``viewer.previews.visible_instance``; in a thread with PostgreSQL),
-        the job handed to a render worker without a thread in between (``Previews.rendered_async``)."""
+        one prepared SELECT (``viewer.previews.visible_target``; in a thread with PostgreSQL) whose
+        row the renderer takes, the job handed to a render worker without a thread in between
+        (``Previews.rendered_async``)."""
         _check_uid(study, "Study Instance UID")
         _check_uid(series, "Series Instance UID")
         _check_uid(sop, "SOP Instance UID")
         scope = scope_of(request)
-        if not await off_loop_unless_sqlite(
-            archive, lambda: visible_instance(index, scope, sop, study_uid=study, series_uid=series)
-        ):
+        found = await off_loop_unless_sqlite(
+            archive, lambda: visible_target(index, scope, sop, study_uid=study, series_uid=series)
+        )
+        if found is None:
             raise _not_found("instance")
         try:
             with preview_errors():
-                svc, p, target = await off_loop_unless_sqlite(archive, lambda: render_target(request, sop, frame, False, True))
+                svc, p, target = render_target(request, sop, frame, False, True, found)
                 return image(*await svc.rendered_async(frame, window=p.window, size=p.size, fmt=p.fmt, quality=p.quality, target=target))
         except _NotModified as nm:
             return not_modified(nm.etag)
