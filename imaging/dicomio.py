@@ -218,44 +218,68 @@ class _Mapping(mmap.mmap):
             raise MalformedInstance("the dataset is truncated") from None
 
 
-def read_stored(source: bytes | str) -> Dataset:
-    """A stored object (the path of its file, or its bytes) parsed for rendering.
+class _Buffer(io.BytesIO):
+    """Bytes read as a file, with the same rule as ``_Mapping``."""
 
-    A file is mapped, not read: its pixel data (Pixel Data, Float or Double Float Pixel Data of
-    defined length, i.e. uncompressed) stays a ``memoryview`` of the mapping, so rendering one
-    frame touches only that frame's pages, and a parsed dataset kept for the next render holds no
-    copy of the pixels. Bytes are parsed the same way, the pixel data a view of them. Other values
-    above ``MAPPED_BYTES`` are copied out as pydicom would. A deflated dataset (its offsets refer to
-    the inflated stream) is read whole; encapsulated (compressed) pixel data is read into memory.
-    A value the file or bytes end inside of raises MalformedInstance. Raises what ``dcmread`` raises, and MemoryError when the
-    file cannot be mapped within the process's address-space limit.
+    def seek(self, pos: int, whence: int = 0, /) -> int:
+        at = super().seek(pos, whence)
+        if at > len(self.getbuffer()):
+            raise MalformedInstance("the dataset is truncated")
+        return at
+
+
+def map_stored(source: bytes | str) -> bytes | mmap.mmap:
+    """A stored object's bytes: its file (a path) mapped read-only, or the bytes themselves.
+    Raises MemoryError when the file cannot be mapped within the process's address-space limit."""
+    if isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
+        if not os.fstat(f.fileno()).st_size:
+            return b""  # an empty file cannot be mapped
+        try:
+            return _Mapping(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise MemoryError("the object cannot be mapped within the memory limit") from None
+            raise
+
+
+def locate_stored(source: bytes | str) -> tuple[Dataset, int | None]:
+    """A stored object (the path of its file, or its bytes) parsed for rendering, and where the
+    value of its Pixel Data lies in it when that was left in place (else None).
+
+    A file is mapped, not read (``map_stored``): its uncompressed pixel data (Pixel Data, Float or
+    Double Float Pixel Data of defined length above ``MAPPED_BYTES``) stays a ``memoryview`` of the
+    mapping, so rendering one frame touches only that frame's pages, and a parsed dataset kept
+    for the next render holds no copy of the pixels. Bytes are parsed the same way. Other values
+    above ``MAPPED_BYTES`` are read by pydicom when first used; encapsulated (compressed) pixel
+    data is read now. A deflated dataset (its offsets refer to the inflated stream) is read whole.
+    A value the file or bytes end inside of raises MalformedInstance; otherwise raises what
+    ``dcmread`` raises, and MemoryError as ``map_stored``.
     """
-    buf: bytes | mmap.mmap = source if isinstance(source, bytes) else b""
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            if os.fstat(f.fileno()).st_size:
-                try:
-                    buf = _Mapping(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except OSError as e:
-                    if e.errno == errno.ENOMEM:
-                        raise MemoryError("the object cannot be mapped within the memory limit") from None
-                    raise
-    fp = buf if isinstance(buf, _Mapping) else io.BytesIO(buf)
+    buf = map_stored(source)
+    fp = buf if isinstance(buf, _Mapping) else _Buffer(buf)
     ds = dcmread(fp, defer_size=MAPPED_BYTES)
     ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
     if ts is not None and (ts == DeflatedExplicitVRLittleEndian or UID(str(ts)).is_deflated):
         fp.seek(0)
-        return dcmread(fp)
-    view = memoryview(buf)
-    for tag in list(ds.keys()):
+        return dcmread(fp), None
+    offset = None
+    for tag in PIXEL_TAGS:
+        if tag not in ds:
+            continue
         elem = ds.get_item(tag, keep_deferred=True)
         if not isinstance(elem, RawDataElement) or elem.value is not None or not elem.length:
             continue
         if elem.length == UNDEFINED_LENGTH:  # encapsulated: pydicom finds its end and reads it
             ds[tag]  # noqa: B018
             continue
-        if elem.value_tell + elem.length > len(view):
-            raise MalformedInstance("the dataset is truncated")
-        value = view[elem.value_tell : elem.value_tell + elem.length]
-        ds[tag] = elem._replace(value=value if tag in PIXEL_TAGS else value.tobytes())
-    return ds
+        ds[tag] = elem._replace(value=memoryview(buf)[elem.value_tell : elem.value_tell + elem.length])
+        if tag == PIXEL_DATA:
+            offset = elem.value_tell
+    return ds, offset
+
+
+def read_stored(source: bytes | str) -> Dataset:
+    """``locate_stored``'s dataset."""
+    return locate_stored(source)[0]

@@ -307,6 +307,16 @@ def test_stored_file_is_mapped_not_read(large_file: tuple[Path, int]) -> None:
         assert bytes(ds.PixelData[-16:]) == f.read()
 
 
+def test_stored_large_values_other_than_pixels_read_on_use(tmp_path: Path) -> None:
+    ds = dcmread(bundled("CT_small.dcm"))
+    ds.RedPaletteColorLookupTableData = bytes(range(256)) * 512  # 128 KiB, a top-level value
+    ds.save_as(tmp_path / "lut.dcm")
+    for source in (str(tmp_path / "lut.dcm"), (tmp_path / "lut.dcm").read_bytes()):
+        got = read_stored(source)
+        assert got.RedPaletteColorLookupTableData == ds.RedPaletteColorLookupTableData
+        assert bytes(got.PixelData) == ds.PixelData
+
+
 def test_stored_deflated_object_is_read_whole() -> None:
     path = bundled("image_dfl.dcm")
     ds = read_stored(str(path))
