@@ -24,9 +24,11 @@ what its Pixel Data can hold, so a crafted header cannot make us allocate gigaby
 from __future__ import annotations
 
 import io
+import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -36,12 +38,15 @@ __all__ = [
     "MAX_FRAME_PIXELS",
     "MEDIA_TYPES",
     "RenderError",
+    "FramePlan",
     "Window",
     "default_window",
     "encode",
     "frame_count",
+    "plan_frames",
     "render",
     "render_frame",
+    "render_planned",
 ]
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -325,9 +330,15 @@ def _native_frame(ds: Dataset, g: _Geometry, ts: UID, frame: int) -> np.ndarray 
         return None
     if not ts.is_transfer_syntax or ts.is_compressed or not ts.is_little_endian:
         return None
+    return _native_values(ds.PixelData, 0, g, frame)
+
+
+def _native_values(buffer: Any, offset: int, g: _Geometry, frame: int) -> np.ndarray:
+    """Stored values of ``frame`` of little-endian 8 or 16-bit single-sample pixel data whose
+    value starts at ``offset`` in ``buffer`` (``_native_frame``, ``render_planned``)."""
     dtype = np.dtype(("<i" if g.signed else "<u") + str(g.bits_allocated // 8))
     n = g.rows * g.cols
-    arr = np.frombuffer(ds.PixelData, dtype=dtype, count=n, offset=(frame - 1) * n * dtype.itemsize)
+    arr = np.frombuffer(buffer, dtype=dtype, count=n, offset=offset + (frame - 1) * n * dtype.itemsize)
     shift = g.bits_allocated - g.bits_stored
     if not shift:
         return arr.reshape(g.rows, g.cols).copy()
@@ -478,6 +489,13 @@ class _Modality:
         if intercept:
             self.intercept = intercept[0]
 
+    @classmethod
+    def rescale(cls, slope: float, intercept: float) -> _Modality:
+        """A rescale (Rescale Slope and Intercept as ``__init__`` reads them from an object)."""
+        m = cls.__new__(cls)
+        m.table, m.first, m.slope, m.intercept = None, 0, slope, intercept
+        return m
+
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.table is not None:
             return _apply_table(values, self.table, self.first)
@@ -552,46 +570,72 @@ def _inverted(ds: Dataset, photometric: str) -> bool:
     return photometric == "MONOCHROME1"
 
 
-def _grey(ds: Dataset, arr: np.ndarray, g: _Geometry, frame: int, window: Window | None) -> np.ndarray:
-    modality = _Modality(ds, frame, g.signed)
-    function = _window_function(ds, frame) if window is not None or default_window(ds, frame) else "LINEAR"
-    if window is not None:
-        if not (math.isfinite(window.center) and math.isfinite(window.width)):
-            raise RenderError("the window centre and width must be finite numbers")
-        if window.width <= 0 or (function == "LINEAR" and window.width < 1):
-            raise RenderError("the window width must be at least 1")
-    voi_table: tuple[np.ndarray, int, int] | None = None
-    if window is None:
-        window = default_window(ds, frame)
-    if window is None and "VOILUTSequence" in ds and ds.VOILUTSequence:
-        voi_table = _lut(ds.VOILUTSequence[0], "VOI LUT", g.signed and "ModalityLUTSequence" not in ds)
+@dataclass(frozen=True)
+class _Levels:
+    """How the stored values of a greyscale frame become grey levels (PS3.3 C.11): its Modality
+    LUT, the object's own window (``default``) and its VOI LUT Function, a VOI LUT Sequence
+    (``voi``: read only when it can apply: no window given and none in the object) and the
+    polarity."""
 
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = arr.min(), arr.max()
-    integer = arr.dtype.kind in "iu" and int(hi) - int(lo) <= 65535
-    if integer:
-        # one vectorised lookup table over the frame's stored range
-        lo_i, hi_i = int(lo), int(hi)
-        domain = np.arange(lo_i, hi_i + 1, dtype=np.int64)
-        values = modality(domain)
-    else:
-        values = modality(arr)
-    if voi_table is not None:
-        table, first, bits = voi_table
-        out = _apply_table(values, table, first) / float((1 << bits) - 1)
-        top = float(table.max()) if table.size else 0.0
-        if top > (1 << bits) - 1:  # data wider than declared: scale by what is there
-            out = _apply_table(values, table, first) / top
-    else:
-        if window is None:
-            window = _range_window(float(values.min()), float(values.max()))
-            function = "LINEAR"
-        out = _apply_window(values, window, function)
-    if _inverted(ds, g.photometric):
-        out = 1.0 - out
-    out8 = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
-    return _lookup(out8, arr, lo_i) if integer else out8
+    modality: _Modality
+    default: Window | None
+    function: str
+    voi: tuple[np.ndarray, int, int] | None
+    inverted: bool
+
+    @classmethod
+    def of(cls, ds: Dataset, frame: int, g: _Geometry, window: Window | None) -> _Levels:
+        default = default_window(ds, frame)
+        voi = None
+        if window is None and default is None and "VOILUTSequence" in ds and ds.VOILUTSequence:
+            voi = _lut(ds.VOILUTSequence[0], "VOI LUT", g.signed and "ModalityLUTSequence" not in ds)
+        return cls(
+            _Modality(ds, frame, g.signed),
+            default,
+            _window_function(ds, frame),
+            voi,
+            _inverted(ds, g.photometric),
+        )
+
+    def grey(self, arr: np.ndarray, window: Window | None) -> np.ndarray:
+        """uint8 grey levels of the stored values ``arr``; ``window``: the caller's, or None."""
+        function = self.function if window is not None or self.default is not None else "LINEAR"
+        if window is not None:
+            if not (math.isfinite(window.center) and math.isfinite(window.width)):
+                raise RenderError("the window centre and width must be finite numbers")
+            if window.width <= 0 or (function == "LINEAR" and window.width < 1):
+                raise RenderError("the window width must be at least 1")
+        else:
+            window = self.default
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = arr.min(), arr.max()
+        integer = arr.dtype.kind in "iu" and int(hi) - int(lo) <= 65535
+        if integer:
+            # one vectorised lookup table over the frame's stored range
+            lo_i, hi_i = int(lo), int(hi)
+            values = self.modality(np.arange(lo_i, hi_i + 1, dtype=np.int64))
+        else:
+            values = self.modality(arr)
+        if window is None and self.voi is not None:
+            table, first, bits = self.voi
+            out = _apply_table(values, table, first) / float((1 << bits) - 1)
+            top = float(table.max()) if table.size else 0.0
+            if top > (1 << bits) - 1:  # data wider than declared: scale by what is there
+                out = _apply_table(values, table, first) / top
+        else:
+            if window is None:
+                window = _range_window(float(values.min()), float(values.max()))
+                function = "LINEAR"
+            out = _apply_window(values, window, function)
+        if self.inverted:
+            out = 1.0 - out
+        out8 = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+        return _lookup(out8, arr, lo_i) if integer else out8
+
+
+def _grey(ds: Dataset, arr: np.ndarray, g: _Geometry, frame: int, window: Window | None) -> np.ndarray:
+    return _Levels.of(ds, frame, g, window).grey(arr, window)
 
 
 def _lookup(table: np.ndarray, arr: np.ndarray, first: int) -> np.ndarray:
@@ -609,6 +653,120 @@ def _lookup(table: np.ndarray, arr: np.ndarray, first: int) -> np.ndarray:
         full[np.arange(first, first + table.size, dtype=np.int64) & mask] = table
         return full.take(arr.view(f"u{arr.dtype.itemsize}"))
     return table.take(arr.astype(np.int64) - first)
+
+
+# --------------------------------------------------------------------------------------------
+# Frame plans: rendering the common case without the object's header
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Everything rendering a frame of an uncompressed greyscale object takes from its header:
+    where the value of its Pixel Data lies in the stored object, its geometry and its grey-level
+    pipeline (rescale, the object's window and VOI LUT Function, polarity). Made once from a
+    parsed object (``plan_frames``); ``render_planned`` then renders any frame of it from the
+    object's bytes alone, the same pixels as ``render_frame``, without parsing it again."""
+
+    offset: int
+    rows: int
+    cols: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    frames: int
+    photometric: str
+    slope: float
+    intercept: float
+    window: tuple[float, float] | None
+    function: str
+    inverted: bool
+
+    VERSION = 1
+
+    def to_json(self) -> str:
+        return json.dumps({"v": self.VERSION, **asdict(self)}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> FramePlan | None:
+        """The plan, or None when ``text`` is not one of this version (made by another release)."""
+        try:
+            d = json.loads(text)
+            if d.pop("v", None) != cls.VERSION:
+                return None
+            if d["window"] is not None:
+                d["window"] = (float(d["window"][0]), float(d["window"][1]))
+            return cls(**d)
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    @property
+    def geometry(self) -> _Geometry:
+        return _Geometry(
+            self.rows, self.cols, 1, self.bits_allocated, self.bits_stored, self.signed, self.frames, self.photometric
+        )
+
+    @property
+    def length(self) -> int:
+        return self.rows * self.cols * self.frames * self.bits_allocated // 8
+
+
+def plan_frames(ds: Dataset, pixel_offset: int | None) -> FramePlan | None:
+    """The object's frame plan, or None unless it is the common case the plan covers:
+    uncompressed little-endian 8 or 16-bit MONOCHROME1/2 Pixel Data whose value lies at
+    ``pixel_offset`` (``imaging.dicomio.locate_stored``), a rescale (no Modality LUT Sequence),
+    a window or none (no VOI LUT Sequence in use), and no functional groups (the same levels for
+    every frame). Anything else is rendered from the parsed object."""
+    if pixel_offset is None or any(k in ds for k in ("FloatPixelData", "DoubleFloatPixelData")):
+        return None
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        return None
+    try:
+        keyword = _pixel_keyword(ds)
+        g = _geometry(ds)
+        ts = _transfer_syntax(ds)
+        if keyword != "PixelData" or g.spp != 1 or g.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            return None
+        if not ts.is_transfer_syntax or ts.is_compressed or not ts.is_little_endian or ts.is_deflated:
+            return None
+        if g.bits_allocated not in (8, 16):
+            return None
+        _check_native(ds, g, keyword)
+        levels = _Levels.of(ds, 1, g, None)
+    except RenderError:
+        return None
+    if levels.modality.table is not None or levels.voi is not None:
+        return None
+    w = levels.default
+    return FramePlan(
+        offset=pixel_offset,
+        rows=g.rows,
+        cols=g.cols,
+        bits_allocated=g.bits_allocated,
+        bits_stored=g.bits_stored,
+        signed=g.signed,
+        frames=g.frames,
+        photometric=g.photometric,
+        slope=levels.modality.slope,
+        intercept=levels.modality.intercept,
+        window=(w.center, w.width) if w is not None else None,
+        function=levels.function,
+        inverted=levels.inverted,
+    )
+
+
+def render_planned(buffer: Any, plan: FramePlan, frame: int = 1, *, window: Window | None = None) -> np.ndarray:
+    """``render_frame`` of the object whose bytes are ``buffer`` (a mapping of its file, or its
+    bytes), from its ``plan`` instead of its header."""
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+        raise RenderError("the frame number must be an integer")
+    if not 1 <= frame <= plan.frames:
+        raise RenderError(f"frame {frame} is out of range: the object has {plan.frames} frame(s)")
+    if plan.offset < 0 or plan.offset + plan.length > len(buffer):
+        raise RenderError("the stored object does not hold the pixel data its frame plan describes")
+    modality = _Modality.rescale(plan.slope, plan.intercept)
+    default = Window(*plan.window) if plan.window is not None else None
+    levels = _Levels(modality, default, plan.function, None, plan.inverted)
+    return levels.grey(_native_values(buffer, plan.offset, plan.geometry, int(frame)), window)
 
 
 def _palette(ds: Dataset, arr: np.ndarray) -> np.ndarray:
