@@ -50,6 +50,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+# what the render workers learnt of an object: (object key, packed DICOM JSON[, frame plan JSON])
+Metadata = tuple[str, bytes] | tuple[str, bytes, str | None]
+# a kept metadata row: (instance id, object key, packed DICOM JSON[, frame plan JSON])
+MetadataRow = tuple[int, str, bytes] | tuple[int, str, bytes, str | None]
+
 LOCATION_STORE = "store"
 LOCATION_SPOOL = "spool"
 
@@ -208,6 +213,9 @@ class InstanceMetadata(Base):
     instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id"), primary_key=True, autoincrement=False)
     object_key: Mapped[str] = mapped_column(String(128))
     dicom_json: Mapped[bytes] = mapped_column(LargeBinary)
+    # schema 0006: the frame plan made from the same parse (imaging.render.FramePlan as JSON), or
+    # NULL: on-demand renders of this object then need no parse
+    render_plan: Mapped[str | None] = mapped_column(Text)
 
 
 class Identity(Base):
@@ -890,8 +898,10 @@ class Index:
 
     @staticmethod
     def _target(row: Any) -> dict[str, Any]:
-        iid, sop, series_id, sha, frames, quarantine, status, reason, key, location = row
+        """A row of ``_TARGET_COLUMNS`` (and of ``with_render_plan``'s column) as a dict."""
+        iid, sop, series_id, sha, frames, quarantine, status, reason, key, location, *plan = row
         return {
+            "render_plan": plan[0] if plan else None,
             "object_key": key,
             "location": location,
             "id": iid,
@@ -922,7 +932,7 @@ class Index:
         return [self._target(r) for r in rows]
 
     def set_preview_status(
-        self, instance_id: int, status: str, reason: str | None, metadata: tuple[str, bytes] | None = None
+        self, instance_id: int, status: str, reason: str | None, metadata: Metadata | None = None
     ) -> None:
         """Settle an instance's preview ('ok' or 'unrenderable' with the reason); ``metadata``:
         (object key, packed DICOM JSON) computed by the same job, kept in the same transaction."""
@@ -957,7 +967,7 @@ class Index:
         object_key: str,
         media_type: str,
         size_bytes: int,
-        metadata: tuple[str, bytes] | None = None,
+        metadata: Metadata | None = None,
     ) -> tuple[str, str]:
         """Record a preview rendition and mark the instance rendered ('ok') in one transaction,
         with the instance's ``metadata`` if given (as ``set_preview_status``); as
@@ -980,7 +990,7 @@ class Index:
 
     def settle_previews(
         self,
-        items: list[tuple[int, str, str | None, tuple[str, str, int] | None, tuple[str, bytes] | None]],
+        items: list[tuple[int, str, str | None, tuple[str, str, int] | None, Metadata | None]],
     ) -> None:
         """Settle a batch of queued instances in one transaction: for each (instance id, status,
         reason, its preview of frame 1 as (object key, media type, size) or None, its metadata as
@@ -1015,7 +1025,7 @@ class Index:
     # kept packed (see imaging/dicomjson.py), keyed by instance and tagged with its object key.
     METADATA_BATCH = 500  # object keys per SELECT ... IN
 
-    def _upsert_metadata(self, conn: Connection, rows: list[tuple[int, str, bytes]]) -> None:
+    def _upsert_metadata(self, conn: Connection, rows: list[MetadataRow]) -> None:
         if conn.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as upsert
         else:
@@ -1023,12 +1033,23 @@ class Index:
         stmt = upsert(InstanceMetadata)
         stmt = stmt.on_conflict_do_update(
             index_elements=[InstanceMetadata.instance_id],
-            set_={"object_key": stmt.excluded.object_key, "dicom_json": stmt.excluded.dicom_json},
+            set_={
+                "object_key": stmt.excluded.object_key,
+                "dicom_json": stmt.excluded.dicom_json,
+                "render_plan": stmt.excluded.render_plan,
+            },
         )
-        conn.execute(stmt, [{"instance_id": i, "object_key": k, "dicom_json": j} for i, k, j in rows])
+        conn.execute(
+            stmt,
+            [
+                {"instance_id": r[0], "object_key": r[1], "dicom_json": r[2], "render_plan": r[3] if len(r) > 3 else None}
+                for r in rows
+            ],
+        )
 
-    def put_metadata(self, rows: list[tuple[int, str, bytes]]) -> None:
-        """Keep (instance id, object key, packed DICOM JSON) rows, replacing older ones."""
+    def put_metadata(self, rows: list[MetadataRow]) -> None:
+        """Keep (instance id, object key, packed DICOM JSON[, frame plan]) rows, replacing older
+        ones."""
         if rows:
             with self.write_engine.begin() as conn:
                 self._upsert_metadata(conn, rows)
@@ -1147,9 +1168,18 @@ class Index:
         return old
 
 
+def with_render_plan(q: Any) -> Any:
+    """``q``, a SELECT of ``Index._TARGET_COLUMNS`` from instance, with the instance's frame plan
+    as one more column: the plan kept for its current object, else NULL."""
+    return q.add_columns(InstanceMetadata.render_plan).outerjoin(
+        InstanceMetadata,
+        (InstanceMetadata.instance_id == Instance.id) & (InstanceMetadata.object_key == Instance.object_key),
+    )
+
+
 # the one statement behind Index.preview_target, built once: an on-demand render looks an instance
 # up by UID per request, and building the SELECT cost twice what running it does
-_PREVIEW_TARGET = select(*Index._TARGET_COLUMNS).where(Instance.sop_uid == bindparam("sop"))
+_PREVIEW_TARGET = with_render_plan(select(*Index._TARGET_COLUMNS).where(Instance.sop_uid == bindparam("sop")))
 
 
 # The tables of accounts and consultations (schema 0004) join Base.metadata wherever the index is

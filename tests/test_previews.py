@@ -826,19 +826,21 @@ def test_the_workers_metadata_is_byte_for_byte_what_wado_rs_makes_on_request(
     from imx.previews import preview_job
 
     folder = Path(pydicom.data.__file__).parent / "test_files"
-    compared = unrenderable = 0
+    compared = unrenderable = planned = 0
     for path in sorted(glob.glob(str(folder / "**" / "*.dcm"), recursive=True)):
         try:
             expected = encode_metadata(dcmread(path, stop_before_pixels=True))
         except Exception:
             continue  # deliberately broken files pydicom cannot read
-        packed, out = pool.call(
+        packed, plan, out = pool.call(
             preview_job, path, [(1, None, (32, 32), "jpeg", 90)], 256 * 1024 * 1024
         )
         assert packed is not None and unpack(packed) == expected, Path(path).name
         compared += 1
         unrenderable += isinstance(out, str)
-    assert compared > 60 and unrenderable > 0
+        planned += plan is not None
+        assert plan is None or not isinstance(out, str)
+    assert compared > 60 and unrenderable > 0 and planned > 0
 
 
 def test_a_job_handed_over_from_the_event_loop_gives_what_a_thread_gets(pool: RenderPool) -> None:
@@ -884,6 +886,33 @@ def test_a_worker_keeps_parsed_objects_for_the_next_render_and_renders_the_same(
     assert e.value.kind == "unrenderable"
 
 
+def test_a_worker_renders_from_a_frame_plan_what_it_renders_from_a_parse(pool: RenderPool) -> None:
+    """planned_job: the same image as render_job; the mapping is kept under the key like a
+    parsed object; a plan that does not fit the object, or of another version, falls back to
+    a parse."""
+    from dataclasses import replace
+
+    from imaging.dicomio import locate_stored
+    from imaging.render import FramePlan, plan_frames
+    from imx.previews import planned_job, render_job
+
+    path = str(get_testdata_file("CT_small.dcm"))
+    plan = plan_frames(*locate_stored(path))
+    assert plan is not None
+    budget = 192 * 1024 * 1024
+    for spec in ([(1, (40.0, 400.0), None, "png", 90)], [(1, None, (64, 64), "jpeg", 80)]):
+        parsed = pool.call(render_job, path, spec, budget)
+        assert pool.call(planned_job, path, plan.to_json(), spec, budget) == parsed
+        assert pool.call(planned_job, path, plan.to_json(), spec, budget, "p:1") == parsed
+        assert pool.call(planned_job, "/nonexistent/object.dcm", plan.to_json(), spec, budget, "p:1") == parsed
+        misfit = replace(plan, offset=10**9).to_json()
+        assert pool.call(planned_job, path, misfit, spec, budget) == parsed
+        assert pool.call(planned_job, path, plan.to_json().replace('"v":1', '"v":99'), spec, budget) == parsed
+    with pytest.raises(JobFailed) as e:
+        pool.call(planned_job, "/nonexistent/object.dcm", plan.to_json(), spec, budget, "p:2")
+    assert e.value.kind == "unrenderable" and FramePlan.from_json(plan.to_json()) == plan
+
+
 def test_a_reply_larger_than_the_pipe_buffer_reaches_an_event_loop_of_uvloop(
     pool: RenderPool,
 ) -> None:
@@ -899,6 +928,60 @@ def test_a_reply_larger_than_the_pipe_buffer_reaches_an_event_loop_of_uvloop(
         assert pool.call(len, b"x" * 5_000_000) == 5_000_000  # and call() after it
 
     uvloop.run(scenario())
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_on_demand_renders_follow_the_frame_plan_kept_for_the_current_object(
+    served, index: Index
+) -> None:
+    """The job after the ack keeps a frame plan for an uncompressed greyscale CT (none for an
+    RGB RLE object), and on-demand renders are made from it without a parse: the pixels the
+    parsed object gives; the worker follows the plan the index keeps (a doctored one inverts
+    the image), and a plan made from another object than the instance's current one is not
+    used. (DICOMweb /rendered reads the instance's row on every request.)"""
+    from sqlalchemy import update
+
+    from imaging.render import FramePlan, Window, render_frame
+    from imx.config import Settings
+    from imx.ingest import make_store
+    from storage.index import InstanceMetadata
+
+    server, sent = served
+    u = sent.ct[3]
+    wait_settled(index, [u, sent.multiframe])
+    target = index.preview_target(u)
+    assert target is not None and index.preview_target(sent.multiframe)["render_plan"] is None  # type: ignore[index]
+    plan = FramePlan.from_json(target["render_plan"] or "")
+    assert plan is not None and (plan.rows, plan.cols, plan.bits_allocated) == (128, 128, 16)
+    stored = dcmread(io.BytesIO(make_store(Settings.load(data_dir=server.data_dir)).get(target["object_key"])))
+    expected = render_frame(stored, 1, window=Window(40, 400))
+    with index.read() as s:
+        study, series = s.execute(
+            select(Study.study_uid, Series.series_uid)
+            .join(Series, Series.study_id == Study.id)
+            .where(Series.id == target["series_id"])
+        ).one()
+    path = f"/dicomweb/studies/{study}/series/{series}/instances/{u}/rendered?window=40,400"
+
+    def pixels() -> np.ndarray:
+        r = http(server, path, {"Accept": "image/png"})
+        assert r.status == 200, r.body
+        return np.asarray(r.image())
+
+    def set_row(**values: object) -> None:
+        with index.write() as s:
+            s.execute(update(InstanceMetadata).where(InstanceMetadata.instance_id == target["id"]).values(**values))
+
+    assert np.array_equal(pixels(), expected)
+    doctored = FramePlan(**{**plan.__dict__, "inverted": not plan.inverted})
+    try:
+        set_row(render_plan=doctored.to_json())
+        assert np.array_equal(pixels(), 255 - expected)  # the plan, not the header, was followed
+        set_row(object_key="obj/another-object")  # a plan of another object: the object is parsed
+        assert np.array_equal(pixels(), expected)
+    finally:
+        set_row(object_key=target["object_key"], render_plan=target["render_plan"])
 
 
 @pytest.mark.peer

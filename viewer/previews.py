@@ -278,10 +278,10 @@ def _visible_statement(scope: Scope, study: bool, series: bool) -> Any:
     if q is None:
         from sqlalchemy import bindparam, select
 
-        from storage.index import Index, Instance, Series, Study
+        from storage.index import Index, Instance, Series, Study, with_render_plan
 
         q = (
-            select(*Index._TARGET_COLUMNS)
+            with_render_plan(select(*Index._TARGET_COLUMNS))
             .join(Series, Instance.series_id == Series.id)
             .join(Study, Series.study_id == Study.id)
             .where(Instance.sop_uid == bindparam("sop"), Instance.quarantine.is_(None))
