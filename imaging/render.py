@@ -335,16 +335,18 @@ def _native_frame(ds: Dataset, g: _Geometry, ts: UID, frame: int) -> np.ndarray 
 
 def _native_values(buffer: Any, offset: int, g: _Geometry, frame: int) -> np.ndarray:
     """Stored values of ``frame`` of little-endian 8 or 16-bit single-sample pixel data whose
-    value starts at ``offset`` in ``buffer`` (``_native_frame``, ``render_planned``)."""
+    value starts at ``offset`` in ``buffer`` (``_native_frame``, ``render_planned``), read in
+    place when no bits need masking off or sign-extending."""
     dtype = np.dtype(("<i" if g.signed else "<u") + str(g.bits_allocated // 8))
     n = g.rows * g.cols
     arr = np.frombuffer(buffer, dtype=dtype, count=n, offset=offset + (frame - 1) * n * dtype.itemsize)
     shift = g.bits_allocated - g.bits_stored
-    if not shift:
-        return arr.reshape(g.rows, g.cols).copy()
-    if g.signed:
-        return ((arr << shift) >> shift).reshape(g.rows, g.cols)
-    return (arr & dtype.type((1 << g.bits_stored) - 1)).reshape(g.rows, g.cols)
+    if shift and g.signed:
+        arr = (arr << shift) >> shift
+    elif shift and int(arr.max()) >> g.bits_stored:  # bits above Bits Stored are set: not values
+        arr = arr & dtype.type((1 << g.bits_stored) - 1)
+    # otherwise a read-only view of the pixel data: nothing downstream writes into stored values
+    return arr.reshape(g.rows, g.cols)
 
 
 # pydicom's GDCM plugin refuses 12-bit JPEG Extended, which GDCM itself decodes (its IJG

@@ -824,3 +824,22 @@ def test_frame_plans_cover_only_what_they_can_describe() -> None:
     assert len(planned) < len(IMAGE_FILES) // 2  # the common case, not everything
     assert FramePlan.from_json('{"v": 0}') is None and FramePlan.from_json("not json") is None
 
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("junk", [False, True])
+def test_stored_values_read_in_place_are_pydicoms(signed: bool, junk: bool) -> None:
+    """Native frames read in place (12 of 16 bits, with or without bits set above Bits Stored,
+    the sign extended for signed data) are what pydicom's pixel_array gives, for every frame."""
+    from imaging.render import _decode
+
+    rng = np.random.default_rng(11)
+    stored = rng.integers(-2048 if signed else 0, 2048 if signed else 4096, size=(3, 40, 56))
+    raw = (stored & 0x0FFF).astype(np.uint16)
+    if junk:
+        raw |= rng.integers(0, 16, size=raw.shape).astype(np.uint16) << 12
+    ds = _grey_object(raw.view(np.int16) if signed else raw, BitsStored=12, HighBit=11)
+    for frame in (1, 2, 3):
+        arr, _ = _decode(ds, frame)
+        assert np.array_equal(arr, pixel_array(ds, index=frame - 1)), frame
+        assert np.array_equal(arr, stored[frame - 1])
