@@ -80,8 +80,8 @@ class Quarantined(PreviewError, PermissionError):
 
 class Unrenderable(PreviewError, ValueError):
     """The instance cannot be rendered; ``reason`` says why (stored in ``preview_reason``).
-    ``metadata``: (object key, packed DICOM JSON) when the job still computed the instance's
-    metadata, for the caller to keep with the status."""
+    ``metadata``: (object key, packed DICOM JSON, frame plan or None) when the job still
+    computed the instance's metadata, for the caller to keep with the status."""
 
     def __init__(self, reason: str, metadata: Metadata | None = None) -> None:
         super().__init__(reason)
@@ -536,23 +536,31 @@ def _check_budget(rows: int, cols: int, spp: int, budget_bytes: int) -> None:
         )
 
 
-def _locate(source: bytes | str) -> tuple[Any, int | None]:
-    """The object parsed, and where its Pixel Data's value lies (``imaging.dicomio.locate_stored``:
-    a file is mapped, its pixel data a view of the mapping; a 512 KiB CT parses and renders in
-    1.3 ms against 2.1 ms read into memory, once kept datasets hold the memory reads took)."""
-    from pydicom import config
+def _reading(read: Callable[[], Any]) -> Any:
+    """``read()``, which reads a stored object, with its failures as Unrenderable (a MemoryError
+    passes: the worker reports it and is replaced)."""
+    from imaging.dicomio import MalformedInstance
 
-    from imaging.dicomio import MalformedInstance, locate_stored
-
-    config.settings.reading_validation_mode = config.IGNORE
     try:
-        return locate_stored(source)
+        return read()
     except MemoryError:
         raise
     except MalformedInstance as e:
         raise Unrenderable(f"the object cannot be read: {e}") from None
     except Exception as e:
         raise Unrenderable(f"the object cannot be read ({type(e).__name__})") from None
+
+
+def _locate(source: bytes | str) -> tuple[Any, int | None]:
+    """The object parsed, and where its Pixel Data's value lies (``imaging.dicomio.locate_stored``:
+    a file is mapped, its pixel data a view of the mapping; a 512 KiB CT parses and renders in
+    1.3 ms against 2.1 ms read into memory, once kept datasets hold the memory reads took)."""
+    from pydicom import config
+
+    from imaging.dicomio import locate_stored
+
+    config.settings.reading_validation_mode = config.IGNORE
+    return _reading(lambda: locate_stored(source))
 
 
 def _parse(source: bytes | str) -> Any:
@@ -623,17 +631,12 @@ def planned_job(
     from imaging.dicomio import map_stored
     from imaging.render import FramePlan, Window, encode, render_planned
 
-    def mapped() -> Any:
-        try:
-            return map_stored(source)
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise Unrenderable(f"the object cannot be read ({type(e).__name__})") from None
-
     found = FramePlan.from_json(plan)
-    buf = _kept(source, warm_key and f"{warm_key}:mapped", budget_bytes, mapped) if found is not None else b""
-    if found is None or found.offset + found.length > len(buf):
+    if found is None:
+        return render_job(source, specs, budget_bytes, warm_key)
+    key = f"{warm_key}:mapped" if warm_key is not None else None
+    buf = _kept(source, key, budget_bytes, lambda: _reading(lambda: map_stored(source)))
+    if found.offset + found.length > len(buf):
         return render_job(source, specs, budget_bytes, warm_key)
     _check_budget(found.rows, found.cols, 1, budget_bytes)
     out = []
@@ -1023,8 +1026,8 @@ class Previews:
         t = self._visible(sop_uid, found)
         if frame < 1 or frame > t.frames:
             raise NotFound(f"frame {frame} does not exist: the instance has {t.frames}")
-        found = self.archive.index.rendition(t.id, KIND_PREVIEW, frame)
-        return t, (_etag(t.sha256, KIND_PREVIEW, found[0]) if found else None)
+        kept = self.archive.index.rendition(t.id, KIND_PREVIEW, frame)
+        return t, (_etag(t.sha256, KIND_PREVIEW, kept[0]) if kept else None)
 
     def preview(
         self, sop_uid: str, frame: int = 1, *, target: Target | None = None

@@ -897,8 +897,8 @@ class Index:
     )
 
     @staticmethod
-    def _target(row: Any) -> dict[str, Any]:
-        """A row of ``_TARGET_COLUMNS`` (and of ``with_render_plan``'s column) as a dict."""
+    def target_of(row: Any) -> dict[str, Any]:
+        """A row of ``_TARGET_COLUMNS`` (or of ``target_select``) as a dict."""
         iid, sop, series_id, sha, frames, quarantine, status, reason, key, location, *plan = row
         return {
             "render_plan": plan[0] if plan else None,
@@ -918,7 +918,7 @@ class Index:
         """What the preview functions need of one instance, or None if it is unknown."""
         with self.engine.connect() as conn:
             row = conn.execute(_PREVIEW_TARGET, {"sop": sop_uid}).first()
-        return self._target(row) if row is not None else None
+        return self.target_of(row) if row is not None else None
 
     def pending_previews(self, limit: int = 50) -> list[dict[str, Any]]:
         """Visible instances not rendered yet, oldest first (quarantined ones wait for release)."""
@@ -929,13 +929,14 @@ class Index:
                 .order_by(Instance.id)
                 .limit(limit)
             ).all()
-        return [self._target(r) for r in rows]
+        return [self.target_of(r) for r in rows]
 
     def set_preview_status(
         self, instance_id: int, status: str, reason: str | None, metadata: Metadata | None = None
     ) -> None:
         """Settle an instance's preview ('ok' or 'unrenderable' with the reason); ``metadata``:
-        (object key, packed DICOM JSON) computed by the same job, kept in the same transaction."""
+        (object key, packed DICOM JSON[, frame plan]) computed by the same job, kept in the same
+        transaction."""
         with self.write_engine.begin() as conn:
             conn.execute(
                 update(Instance)
@@ -1128,7 +1129,7 @@ class Index:
                 )
                 .order_by(Instance.instance_number.is_(None), Instance.instance_number, Instance.id)
             ).all()
-        targets = [self._target(r) for r in rows]
+        targets = [self.target_of(r) for r in rows]
         rep = None
         if targets:
             t = targets[(len(targets) - 1) // 2]
@@ -1168,18 +1169,22 @@ class Index:
         return old
 
 
-def with_render_plan(q: Any) -> Any:
-    """``q``, a SELECT of ``Index._TARGET_COLUMNS`` from instance, with the instance's frame plan
-    as one more column: the plan kept for its current object, else NULL."""
-    return q.add_columns(InstanceMetadata.render_plan).outerjoin(
-        InstanceMetadata,
-        (InstanceMetadata.instance_id == Instance.id) & (InstanceMetadata.object_key == Instance.object_key),
+def target_select() -> Any:
+    """A SELECT of what the preview functions need of an instance (``Index.target_of`` reads its
+    rows) with its frame plan: the one kept for its current object, else NULL."""
+    return (
+        select(*Index._TARGET_COLUMNS, InstanceMetadata.render_plan)
+        .select_from(Instance)
+        .outerjoin(
+            InstanceMetadata,
+            (InstanceMetadata.instance_id == Instance.id) & (InstanceMetadata.object_key == Instance.object_key),
+        )
     )
 
 
 # the one statement behind Index.preview_target, built once: an on-demand render looks an instance
 # up by UID per request, and building the SELECT cost twice what running it does
-_PREVIEW_TARGET = with_render_plan(select(*Index._TARGET_COLUMNS).where(Instance.sop_uid == bindparam("sop")))
+_PREVIEW_TARGET = target_select().where(Instance.sop_uid == bindparam("sop"))
 
 
 # The tables of accounts and consultations (schema 0004) join Base.metadata wherever the index is

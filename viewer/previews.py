@@ -276,12 +276,12 @@ def _visible_statement(scope: Scope, study: bool, series: bool) -> Any:
     key = (scope, study, series)
     q = _VISIBLE_STATEMENTS.get(key)
     if q is None:
-        from sqlalchemy import bindparam, select
+        from sqlalchemy import bindparam
 
-        from storage.index import Index, Instance, Series, Study, with_render_plan
+        from storage.index import Instance, Series, Study, target_select
 
         q = (
-            with_render_plan(select(*Index._TARGET_COLUMNS))
+            target_select()
             .join(Series, Instance.series_id == Series.id)
             .join(Study, Series.study_id == Study.id)
             .where(Instance.sop_uid == bindparam("sop"), Instance.quarantine.is_(None))
@@ -316,7 +316,7 @@ def visible_target(
     params = {"sop": sop_uid, "study": study_uid, "series": series_uid}
     with index.engine.connect() as conn:
         row = conn.execute(q, {k: v for k, v in params.items() if v is not None}).first()
-    return index._target(row) if row is not None else None
+    return index.target_of(row) if row is not None else None
 
 
 async def off_loop_unless_sqlite(archive: Archive, fn: Callable[[], Any]) -> Any:
