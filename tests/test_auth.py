@@ -302,11 +302,26 @@ def test_failed_logins_from_one_address_slow_down_every_name_tried_from_it(world
     clock = Clock()
     world.app.state.auth.throttle = LoginThrottle(clock=clock)
     spray = world.client("198.51.100.7")
-    for name in ("osh", "bish", "nobody"):
-        assert spray.post("/api/login", json={"name": name, "password": "guess"}).status_code == 401
+    for n in range(20):  # twenty names guessed from one address
+        assert spray.post("/api/login", json={"name": f"guess-{n}", "password": "guess"}).status_code == 401
     assert spray.post("/api/login", json={"name": "spec", "password": PASSWORD}).status_code == 429
     elsewhere = world.client("198.51.100.8")
     assert elsewhere.post("/api/login", json={"name": "spec", "password": PASSWORD}).status_code == 200
+
+
+def test_a_few_typos_behind_a_hospitals_nat_address_lock_nobody_else_out(world: World) -> None:
+    """Three users of one hospital (one NAT address) mistype their passwords: the next user
+    from the same address logs in; each name that failed three times waits."""
+    clock = Clock()
+    world.app.state.auth.throttle = LoginThrottle(clock=clock)
+    hospital = world.client("203.0.113.9")
+    for name in ("osh", "bish", "spec"):
+        assert hospital.post("/api/login", json={"name": name, "password": "typo"}).status_code == 401
+    assert hospital.post("/api/login", json={"name": "spec_all", "password": PASSWORD}).status_code == 200
+    for _ in range(3):
+        hospital.post("/api/login", json={"name": "osh", "password": "typo"})
+    assert hospital.post("/api/login", json={"name": "osh", "password": PASSWORD}).status_code == 429
+    assert hospital.post("/api/login", json={"name": "admin", "password": PASSWORD}).status_code == 200
 
 
 # -- share links --------------------------------------------------------------------------------------
