@@ -544,3 +544,21 @@ def test_instance_metadata_is_kept_with_the_preview_status_and_tied_to_its_objec
     with pytest.raises(sa_exc.IntegrityError):
         index.settle_previews([(ids[a], "ok", None, ("r/2.jpg", "image/jpeg", 10), (a, b"x"))])
     assert index.instance_metadata([a])[a] == (ids[a], b"json-a2")
+
+
+def test_a_frame_plan_is_kept_with_the_metadata_and_read_with_the_instance(index: Index) -> None:
+    """Schema 0006: the render job's frame plan rides with the metadata row; the renderer's look-up
+    (preview_target) returns it only while the row was made from the instance's current object."""
+    p = index.add_partner("A", "A").id
+    records = [rec(p, 1, 1, n) for n in range(2)]
+    for r in records:
+        index.add_instance(r)
+    (a, sop_a), (b, sop_b) = ((r.object_key, r.sop_uid) for r in records)
+    ids = {t["object_key"]: t["id"] for t in index.pending_previews(10)}
+    assert index.preview_target(sop_a)["render_plan"] is None  # type: ignore[index]
+    index.settle_previews([(ids[a], "ok", None, ("r/1.jpg", "image/jpeg", 10), (a, b"json-a", '{"v":1}'))])
+    index.set_preview_status(ids[b], "ok", None, ("obj/another", b"json-b", '{"v":1}'))
+    assert index.preview_target(sop_a)["render_plan"] == '{"v":1}'  # type: ignore[index]
+    assert index.preview_target(sop_b)["render_plan"] is None  # type: ignore[index]  (another object's)
+    index.put_metadata([(ids[a], a, b"json-a2")])  # made again on request, without a plan
+    assert index.preview_target(sop_a)["render_plan"] is None  # type: ignore[index]
