@@ -14,8 +14,11 @@ rows of like bytes): a noisy 512x512 CT frame is 213 kB in 14 ms (zlib level 6),
 ``value`` is the stored value (PS3.3 C.7.6.3.1.4), decoded by the existing codecs
 (``imaging/render.py``); the browser recovers the modality value (PS3.3 C.11.1) as
 ``value * slope + intercept``. A Modality LUT Sequence (C.11.1.1) is baked in: the values sent are
-then the table's outputs and slope/intercept are 1/0. Colour (RGB, YBR converted, PALETTE COLOR
-looked up) is sent as the lossless RGB PNG of what ``imaging.render.render_frame`` gives.
+then the table's outputs and slope/intercept are 1/0. An object shown by default through its VOI
+LUT Sequence (no window, C.11.2.1) also carries that table's grey level for every value from the
+frame's lowest to its highest, in rows after the planes (``X-Imx-Voi``: how many), so the browser
+shows what the server renders until its user picks a window. Colour (RGB, YBR converted, PALETTE
+COLOR looked up) is sent as the lossless RGB PNG of what ``imaging.render.render_frame`` gives.
 
 ``viewer_metadata(ds)`` gives what the viewer needs per instance: windows, VOI LUT Function,
 polarity (MONOCHROME1 / Presentation LUT Shape), pixel spacing and its source (Pixel Spacing,
@@ -26,6 +29,7 @@ letters of C.7.6.1.1.1) or Patient Orientation, and a position for sorting.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ __all__ = [
     "pack_frame",
     "unpack",
     "viewer_metadata",
+    "voi_table",
 ]
 
 # zlib level. On a noisy 512x512 CT frame as byte planes: level 1 gives 224 kB, level 6 213 kB,
@@ -62,6 +67,7 @@ class Packed:
     planes: int = 1  # byte planes stacked in the PNG (1 to 4), most significant first
     low: int = 0  # smallest and largest value sent (before slope/intercept)
     high: int = 0
+    voi: int = 0  # entries of the VOI LUT display table in the rows after the planes (0: none)
 
     def headers(self) -> dict[str, str]:
         """The HTTP headers that carry the parameters next to the PNG."""
@@ -72,6 +78,7 @@ class Packed:
             "X-Imx-Intercept": repr(float(self.intercept)),
             "X-Imx-Planes": str(self.planes),
             "X-Imx-Range": f"{self.low},{self.high}",
+            **({"X-Imx-Voi": str(self.voi)} if self.voi else {}),
         }
 
 
@@ -111,10 +118,44 @@ def pack_frame(ds: Dataset, frame: int = 1, *, level: int = PNG_LEVEL) -> Packed
     # value - low as little-endian 32 bits; its bytes, most significant first, become the planes
     v = values.astype(np.int64) - low if values.dtype.itemsize >= 4 else values.astype(np.int32) - low
     cells = np.ascontiguousarray(v.astype("<u4", copy=False)).view(np.uint8).reshape(rows, cols, 4)
-    stack = np.empty((planes * rows, cols), dtype=np.uint8)
+    table = _voi_table(ds, frame, g, low, high) if modality.table is None else None
+    extra = -(-table.size // cols) if table is not None else 0
+    stack = np.zeros((planes * rows + extra, cols), dtype=np.uint8)
     for n in range(planes):
         stack[n * rows : (n + 1) * rows] = cells[..., planes - 1 - n]
-    return Packed(_png(stack, level), False, low, slope, intercept, planes, low, high)
+    if table is not None:
+        stack[planes * rows :].reshape(-1)[: table.size] = table
+    voi = table.size if table is not None else 0
+    return Packed(_png(stack, level), False, low, slope, intercept, planes, low, high, voi)
+
+
+def _voi_table(ds: Dataset, frame: int, g: Any, low: int, high: int) -> np.ndarray | None:
+    """The grey level (0-255, before any inversion) of every stored value ``low..high`` under the
+    object's VOI LUT Sequence, when that is how it is shown by default (no window in the object,
+    PS3.3 C.11.2.1): what the server renders, so that the browser shows the same until its user
+    picks a window. None for anything else."""
+    if high - low >= 1 << 16:
+        return None
+    try:
+        levels = _r._Levels.of(ds, frame, g, None)
+    except RenderError:
+        return None  # a broken VOI LUT: the browser's range window, as the renderer refuses it
+    if levels.voi is None:
+        return None
+    domain = np.arange(low, high + 1, dtype=np.int64).reshape(1, -1)
+    return dataclasses.replace(levels, inverted=False).grey(domain, None).ravel()
+
+
+def voi_table(packed: Packed) -> np.ndarray | None:
+    """The VOI LUT display table a packed frame carries (``_voi_table``), as the browser reads it;
+    None when it carries none. For tests and tools."""
+    from PIL import Image
+
+    if not packed.voi:
+        return None
+    stack = np.asarray(Image.open(io.BytesIO(packed.png)).convert("L"))
+    extra = -(-packed.voi // stack.shape[1])
+    return stack[stack.shape[0] - extra :].reshape(-1)[: packed.voi].copy()
 
 
 def unpack(packed: Packed) -> np.ndarray:
@@ -126,7 +167,8 @@ def unpack(packed: Packed) -> np.ndarray:
     if packed.color:
         return np.asarray(img.convert("RGB"))
     stack = np.asarray(img.convert("L")).astype(np.int64)
-    rows = stack.shape[0] // packed.planes
+    extra = -(-packed.voi // stack.shape[1]) if packed.voi else 0  # the VOI table's rows
+    rows = (stack.shape[0] - extra) // packed.planes
     v = np.zeros((rows, stack.shape[1]), dtype=np.int64)
     for n in range(packed.planes):
         v = (v << 8) | stack[n * rows : (n + 1) * rows]

@@ -24,6 +24,7 @@ from imaging.pixels import (
     unpack,
     viewer_metadata,
     viewer_metadata_from_json,
+    voi_table,
 )
 from imaging.render import RenderError
 
@@ -117,6 +118,39 @@ def test_a_modality_lut_sequence_is_baked_in() -> None:
     assert (packed.slope, packed.intercept) == (1.0, 0.0)
     assert np.array_equal(unpack(packed), modality_values(ds))
     assert viewer_metadata(ds)["modality_lut"] is True
+
+
+def voi_lut_object(photometric: str = "MONOCHROME2", window: bool = False) -> Dataset:
+    """A 12-bit frame shown through a curved VOI LUT (10-bit output) and, unless ``window``, no
+    window of its own."""
+    values = np.random.default_rng(9).integers(100, 3900, size=(48, 64), endpoint=True, dtype=np.int64)
+    ds = synthetic(values, 16, 12, False, PhotometricInterpretation=photometric)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 10]
+    item.LUTData = [round(1023 * (v / 4095) ** 0.6) for v in range(4096)]
+    ds.VOILUTSequence = [item]
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 2000, 1000
+    return ds
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_a_voi_lut_shown_by_default_travels_with_the_frame(photometric: str) -> None:
+    """The browser gets the grey level of every value under the object's VOI LUT, so it shows
+    what the renderer shows (inverting MONOCHROME1 itself); the values stay exact; an object with
+    a window of its own is shown through that window, and gets no table."""
+    ds = voi_lut_object(photometric)
+    packed = pack_frame(ds)
+    table = voi_table(packed)
+    assert table is not None and packed.voi == table.size == packed.high - packed.low + 1
+    assert packed.headers()["X-Imx-Voi"] == str(packed.voi)
+    assert np.array_equal(unpack(packed), modality_values(ds))
+    shown = table[unpack(packed).astype(np.int64) - packed.offset].astype(int)
+    if photometric == "MONOCHROME1":
+        shown = 255 - shown
+    assert np.abs(shown - render.render_frame(ds).astype(int)).max() <= 1  # a tie may round apart
+    windowed = pack_frame(voi_lut_object(window=True))
+    assert windowed.voi == 0 and voi_table(windowed) is None and "X-Imx-Voi" not in windowed.headers()
 
 
 def test_float_pixel_data_is_refused_in_plain_words() -> None:

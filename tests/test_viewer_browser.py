@@ -14,6 +14,7 @@ import pytest
 from browser import ViewerServer, canvas_pixels, server_rendered, wait_ready
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 PASSWORD = "viewer-pass-1"
@@ -279,6 +280,46 @@ def test_a_monochrome1_cr_matches_the_server_and_measures_at_the_detector(page: 
     page.mouse.move(rect["x"] + 200, rect["y"] + 50, steps=3)
     page.mouse.up()
     assert page.locator("#view .vw-measure-label").first.text_content() == "10.0 mm (at the detector)"
+
+
+def test_a_cr_shown_through_its_voi_lut_matches_the_server_until_the_window_is_changed(page: Any, site: dict[str, Any]) -> None:
+    """A CR with a curved VOI LUT and no window: the browser shows what the server renders by
+    default (the table, inverted for MONOCHROME1) and says so; a window drag leaves the table
+    for a window, and the default preset brings it back."""
+    server = site["server"]
+    (path,) = make_cr(site["work"] / "cr-voi")
+    ds = dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 10]
+    curve = np.rint(1023 * (np.arange(4096) / 4095) ** 0.6).astype("<u2")
+    item.add_new(0x00283006, "OW", curve.tobytes())  # LUT Data
+    ds.VOILUTSequence = [item]
+    ds.save_as(path, enforce_file_format=True)
+    cr = server.send_ct(files=[path])
+    open_viewer(page, site, cr.study_uid)
+    page.evaluate("() => window.__imx.actualSize()")
+    url = f"/dicomweb/studies/{cr.study_uid}/series/{cr.series_uid}/instances/{cr.sop_uids[0]}/frames/1/rendered"
+    want = server_rendered(page, url)  # the server's default: through the VOI LUT
+    got = canvas_pixels(page)
+    assert got.shape == want.shape == (240, 300)
+    assert (np.abs(got.astype(int) - want.astype(int)) <= 2).mean() >= 0.99
+    assert page.evaluate("() => window.__imx.state().window.table") is True
+    assert page.locator("#view .vw-window").text_content() == "VOI LUT (the object's own)"
+    box = page.locator("#view").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 40, cy + 30, steps=4)
+    page.mouse.up()
+    win = page.evaluate("() => window.__imx.state().window")
+    assert win["table"] is False and page.locator("#view .vw-window").text_content().startswith("C ")
+    windowed = server_rendered(page, f"{url}?window={win['center']},{win['width']}")
+    assert (np.abs(canvas_pixels(page).astype(int) - windowed.astype(int)) <= 2).mean() >= 0.99
+    page.select_option("#preset", "default")
+    assert page.evaluate("() => window.__imx.state().window.table") is True
+    assert (np.abs(canvas_pixels(page).astype(int) - want.astype(int)) <= 2).mean() >= 0.99
 
 
 def test_prepare_for_consultation_loads_every_frame_with_progress(page: Any, site: dict[str, Any]) -> None:

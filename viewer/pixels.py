@@ -49,7 +49,7 @@ log = logging.getLogger("imx.viewer")
 
 IMMUTABLE = "private, max-age=31536000, immutable"
 REVALIDATE = "private, no-cache"
-PIXELS_VERSION = 1  # part of every ETag: bump it when the packing changes
+PIXELS_VERSION = 2  # part of every ETag: bump it when the packing changes (2: VOI LUT tables)
 MAX_FRAME = 10_000_000
 META_CACHE_ENTRIES = 50_000
 

@@ -20,6 +20,7 @@ export async function decodePacked(response) {
   const slope = Number(h.get("X-Imx-Slope") || "1");
   const intercept = Number(h.get("X-Imx-Intercept") || "0");
   const [low, high] = (h.get("X-Imx-Range") || "0,0").split(",").map(Number);
+  const voiSize = Number(h.get("X-Imx-Voi") || "0");
   const blob = await response.blob();
   const bitmap = await createImageBitmap(blob, BITMAP_OPTIONS);
   const cw = bitmap.width;
@@ -31,7 +32,7 @@ export async function decodePacked(response) {
   const rgba = ctx.getImageData(0, 0, cw, ch).data;
   if (color) return { width: cw, height: ch, color, rgba, offset: 0, slope: 1, intercept: 0, low: 0, high: 255 };
   const width = cw;
-  const height = ch / planes;
+  const height = (ch - (voiSize ? Math.ceil(voiSize / cw) : 0)) / planes;
   const n = width * height;
   let values;
   if (planes === 1) {
@@ -49,7 +50,12 @@ export async function decodePacked(response) {
       values[i] = v;
     }
   }
-  return { width, height, color, values, offset, slope, intercept, low, high };
+  let voi = null; // the VOI LUT's grey level per packed value, in the rows after the planes
+  if (voiSize) {
+    voi = new Uint8Array(voiSize);
+    for (let i = 0, j = planes * n * 4; i < voiSize; i++, j += 4) voi[i] = rgba[j];
+  }
+  return { width, height, color, values, offset, slope, intercept, low, high, voi };
 }
 
 /** The modality value of packed value `v`. */
@@ -64,6 +70,22 @@ export function rangeWindow(frame) {
   const lo = Math.min(a, b);
   const hi = Math.max(a, b);
   return { center: (lo + hi + 1) / 2, width: Math.max(hi - lo + 1, 1), fn: "LINEAR" };
+}
+
+/**
+ * The default view of a frame shown through its VOI LUT (no window in the object): the table
+ * itself ({table: true}), with the LINEAR window over where its output rises from its lowest to
+ * its highest level, which a window drag starts from and the overlay shows.
+ */
+export function tableWindow(frame) {
+  const t = frame.voi;
+  let lo = 0;
+  while (lo < t.length - 1 && t[lo + 1] === t[0]) lo++;
+  let hi = t.length - 1;
+  while (hi > lo && t[hi - 1] === t[t.length - 1]) hi--;
+  const a = modalityValue(frame, lo);
+  const b = modalityValue(frame, hi);
+  return { center: (a + b + 1) / 2, width: Math.max(Math.abs(b - a) + 1, 1), fn: "LINEAR", table: true };
 }
 
 /** Display value 0..1 of modality value x (PS3.3 C.11.2.1.2 and C.11.2.1.3). */
@@ -82,10 +104,14 @@ function grey(g) {
 }
 
 /** A lookup table from packed value (0..range) to an RGBA pixel as one Uint32. */
-export function buildLut(frame, { center, width, fn = "LINEAR", invert = false }) {
+export function buildLut(frame, { center, width, fn = "LINEAR", invert = false, table = false }) {
   const range = frame.high - frame.low;
   const size = range + 1;
   const lut = new Uint32Array(size);
+  if (table && frame.voi) {
+    for (let v = 0; v < size; v++) lut[v] = grey(invert ? 255 - frame.voi[v] : frame.voi[v]);
+    return lut;
+  }
   // packed value v stands for stored value v + offset (offset is the frame's lowest value)
   for (let v = 0; v < size; v++) {
     let y = voi((v + frame.offset) * frame.slope + frame.intercept, center, width, fn);
@@ -117,7 +143,7 @@ export function renderFrame(frame, imageData, win, cache = {}) {
   const values = frame.values;
   const n = values.length;
   if (frame.high - frame.low < MAX_LUT && !(values instanceof Float64Array)) {
-    const key = `${win.center}|${win.width}|${win.fn}|${win.invert}`;
+    const key = `${win.center}|${win.width}|${win.fn}|${win.invert}|${Boolean(win.table)}`;
     let lut = cache.key === key && cache.frame === frame ? cache.lut : null;
     if (!lut) {
       lut = buildLut(frame, win);

@@ -78,6 +78,7 @@ export function angleText(deg) {
 
 /** Window centre/width text. */
 export function windowText(win) {
+  if (win.table) return t("viewer.window_voi_lut");
   const f = (v) => formatNumber(Math.round(v * 10) / 10, { maximumFractionDigits: 1 });
   return t("viewer.window_value", { center: f(win.center), width: f(win.width) });
 }

@@ -15,7 +15,7 @@ import { toLogin } from "../js/api.js";
 import { PRIOR, STUDY, chooseSeries, lossyBlob, priorRequest, studyRequest } from "./boot.js";
 import { applyI18n, formatNumber, onLocaleChange, t } from "../js/i18n.js";
 import { el, errorText, fill, ready, say, startPage } from "../js/shell.js";
-import { decodePacked, rangeWindow, renderFrame } from "./pixels.js";
+import { decodePacked, rangeWindow, renderFrame, tableWindow } from "./pixels.js";
 import { PRESETS, SHORTCUTS, TOOLS, angle, angleText, length, lengthText, windowText } from "./tools.js";
 
 const LOSSLESS_CONCURRENCY = 4;
@@ -202,11 +202,12 @@ class Pane {
   defaultWindow(frame) {
     const meta = this.current.inst;
     if (meta.windows && meta.windows.length) return { center: meta.windows[0][0], width: meta.windows[0][1], fn: meta.voi_function || "LINEAR" };
+    if (frame && frame.voi) return tableWindow(frame);
     return frame ? rangeWindow(frame) : null;
   }
 
   setWindow(win, user = true) {
-    this.win = { ...this.win, ...win, fn: win.fn || (this.win && this.win.fn) || "LINEAR" };
+    this.win = { ...this.win, ...win, fn: win.fn || (this.win && this.win.fn) || "LINEAR", table: false };
     if (!(this.win.width > 0)) this.win.width = 1;
     if (this.win.fn === "LINEAR" && this.win.width < 1) this.win.width = 1;
     this.userWindow = user;
@@ -568,7 +569,7 @@ function bindPane(pane) {
       const k = Math.max(span / 1024, 0.05);
       const totalX = e.clientX - drag.start.x;
       const totalY = e.clientY - drag.start.y;
-      pane.win = { ...drag.start.win, invert: pane.win ? pane.win.invert : false, center: drag.start.win.center + totalY * k, width: Math.max(1, drag.start.win.width + totalX * k) };
+      pane.win = { ...drag.start.win, table: false, invert: pane.win ? pane.win.invert : false, center: drag.start.win.center + totalY * k, width: Math.max(1, drag.start.win.width + totalX * k) };
       pane.userWindow = true;
       redraw();
     } else if (drag.tool === "pan") {
