@@ -84,6 +84,16 @@ def open_viewer(page: Any, site: dict[str, Any], study_uid: str) -> None:
     page.wait_for_function("() => window.__imx && window.__imx.state && window.__imx.state().lossless", timeout=30_000)
 
 
+def drag_from_centre(page: Any, dx: float, dy: float, steps: int) -> None:
+    """A drag with the active tool (window/level unless changed) from the middle of the view."""
+    box = page.locator("#view").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx + dx, cy + dy, steps=steps)
+    page.mouse.up()
+
+
 def test_the_canvas_matches_the_servers_rendering_and_windows_scrolls_and_measures(page: Any, site: dict[str, Any]) -> None:
     study = site["calibrated"]
     open_viewer(page, site, study.study_uid)
@@ -104,12 +114,7 @@ def test_the_canvas_matches_the_servers_rendering_and_windows_scrolls_and_measur
     # dragging changes the window, and the pixels
     before = canvas_pixels(page)
     win_before = page.evaluate("() => window.__imx.state().window")
-    box = page.locator("#view").bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx, cy)
-    page.mouse.down()
-    page.mouse.move(cx + 60, cy + 40, steps=5)
-    page.mouse.up()
+    drag_from_centre(page, 60, 40, steps=5)
     page.wait_for_timeout(50)
     win_after = page.evaluate("() => window.__imx.state().window")
     assert (win_after["center"], win_after["width"]) != (win_before["center"], win_before["width"])
@@ -307,12 +312,7 @@ def test_a_cr_shown_through_its_voi_lut_matches_the_server_until_the_window_is_c
     assert (np.abs(got.astype(int) - want.astype(int)) <= 2).mean() >= 0.99
     assert page.evaluate("() => window.__imx.state().window.table") is True
     assert page.locator("#view .vw-window").text_content() == "VOI LUT (the object's own)"
-    box = page.locator("#view").bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx, cy)
-    page.mouse.down()
-    page.mouse.move(cx + 40, cy + 30, steps=4)
-    page.mouse.up()
+    drag_from_centre(page, 40, 30, steps=4)
     win = page.evaluate("() => window.__imx.state().window")
     assert win["table"] is False and page.locator("#view .vw-window").text_content().startswith("C ")
     windowed = server_rendered(page, f"{url}?window={win['center']},{win['width']}")
