@@ -119,7 +119,7 @@ def pack_frame(ds: Dataset, frame: int = 1, *, level: int = PNG_LEVEL) -> Packed
     v = values.astype(np.int64) - low if values.dtype.itemsize >= 4 else values.astype(np.int32) - low
     cells = np.ascontiguousarray(v.astype("<u4", copy=False)).view(np.uint8).reshape(rows, cols, 4)
     table = _voi_table(ds, frame, g, low, high) if modality.table is None else None
-    extra = -(-table.size // cols) if table is not None else 0
+    extra = _voi_rows(table.size if table is not None else 0, cols)
     stack = np.zeros((planes * rows + extra, cols), dtype=np.uint8)
     for n in range(planes):
         stack[n * rows : (n + 1) * rows] = cells[..., planes - 1 - n]
@@ -146,6 +146,11 @@ def _voi_table(ds: Dataset, frame: int, g: Any, low: int, high: int) -> np.ndarr
     return dataclasses.replace(levels, inverted=False).grey(domain, None).ravel()
 
 
+def _voi_rows(entries: int, cols: int) -> int:
+    """Rows of the PNG after the planes that hold a VOI table of ``entries`` (0 when none)."""
+    return -(-entries // cols)
+
+
 def voi_table(packed: Packed) -> np.ndarray | None:
     """The VOI LUT display table a packed frame carries (``_voi_table``), as the browser reads it;
     None when it carries none. For tests and tools."""
@@ -154,7 +159,7 @@ def voi_table(packed: Packed) -> np.ndarray | None:
     if not packed.voi:
         return None
     stack = np.asarray(Image.open(io.BytesIO(packed.png)).convert("L"))
-    extra = -(-packed.voi // stack.shape[1])
+    extra = _voi_rows(packed.voi, stack.shape[1])
     return stack[stack.shape[0] - extra :].reshape(-1)[: packed.voi].copy()
 
 
@@ -167,7 +172,7 @@ def unpack(packed: Packed) -> np.ndarray:
     if packed.color:
         return np.asarray(img.convert("RGB"))
     stack = np.asarray(img.convert("L")).astype(np.int64)
-    extra = -(-packed.voi // stack.shape[1]) if packed.voi else 0  # the VOI table's rows
+    extra = _voi_rows(packed.voi, stack.shape[1])
     rows = (stack.shape[0] - extra) // packed.planes
     v = np.zeros((rows, stack.shape[1]), dtype=np.int64)
     for n in range(packed.planes):
